@@ -1,0 +1,31 @@
+# The two commands of the README: `make demo` runs the main job on its embedded defaults, `make test` runs
+# the test suite. Both create .venv (Python 3.11) and install the pinned stack when it is missing or stale.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test lint lock clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test]'
+	touch $@
+
+demo: $(STAMP)
+	$(BIN)/gmpatl prepare --config configs/demo.yaml
+
+test: $(STAMP)
+	$(BIN)/ruff check gmpatl_ray jobs tests
+	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check gmpatl_ray jobs tests
+
+# Re-pin every transitive dependency after changing pyproject.toml (commit the result).
+lock: $(STAMP)
+	$(BIN)/python -m pip freeze --exclude-editable --exclude gmpatl-ray > constraints.txt
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache

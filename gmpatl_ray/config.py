@@ -1,0 +1,263 @@
+"""Typed experiment configuration.
+
+Every experiment is one YAML file in ``configs/``. It is validated into the frozen models below at load
+time, so a typo, an unknown key or a wrong type fails before any work starts, with a message naming the
+file and the field. The defaults are the paper's values (GMP-ATL on IEMOCAP with HuBERT base).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import InputError
+
+PositiveInt = Annotated[int, Field(gt=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+Fraction = Annotated[float, Field(ge=0, le=1)]
+NegativeLayer = Annotated[int, Field(lt=0, description="hidden-state index counted from the last layer")]
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """Safe YAML that also reads ``1e-4`` as a float (YAML 1.1, and so PyYAML, wants ``1.0e-4``)."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[0-9][0-9_]*[eE][-+]?[0-9]+|\.[0-9_]+"
+        r"(?:[eE][-+]?[0-9]+)?|\.(?:inf|Inf|INF))$|^\.(?:nan|NaN|NAN)$"
+    ),
+    list("-+0123456789."),
+)
+
+
+def _parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+class ConfigError(InputError):
+    """A config file or override that does not validate; the message names the file and every bad field."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class ExperimentConfig(_Section):
+    name: str = "gmpatl-iemocap"
+    seed: int = 0
+    output_dir: str = "outputs"
+
+
+class DemoCorpusConfig(_Section):
+    """The generated demo corpus: 5 sessions x (one female, one male speaker) in IEMOCAP's layout."""
+
+    seed: int = 0
+    sessions: Annotated[int, Field(ge=2, le=5)] = 5
+    utterances_per_emotion: PositiveInt = 8
+    """Per speaker and emotion (4 emotions, 2 speakers a session)."""
+    dropped_per_speaker: Annotated[int, Field(ge=0)] = 2
+    """Utterances per speaker labelled outside the 4 classes (fru, xxx, ...), so the parser's filter runs."""
+    min_duration_s: PositiveFloat = 1.0
+    max_duration_s: PositiveFloat = 4.0
+
+    @model_validator(mode="after")
+    def _durations_ordered(self) -> DemoCorpusConfig:
+        if self.min_duration_s > self.max_duration_s:
+            raise ValueError("min_duration_s must not exceed max_duration_s")
+        return self
+
+
+class DataConfig(_Section):
+    """Where the corpus comes from and how its audio is read."""
+
+    source: Literal["iemocap", "demo", "manifest"] = "iemocap"
+    root: str | None = None
+    """Corpus root: IEMOCAP_full_release for ``iemocap``, the folder to generate for ``demo``."""
+    csv: str | None = None
+    """For ``source: manifest``: your own CSV in the manifest format (README, "Bring your own corpus")."""
+    manifest: str = "outputs/iemocap/manifest.csv"
+    """Where ``gmpatl prepare`` writes the manifest and every later step reads it."""
+    emotions: list[str] = Field(default_factory=lambda: ["ang", "hap", "neu", "sad"], min_length=2)
+    merge: dict[str, str] = Field(default_factory=lambda: {"exc": "hap"})
+    """Labels renamed before filtering: IEMOCAP's 'excited' joins 'happy'."""
+    sample_rate: PositiveInt = 16000
+    resample: bool = True
+    """Resample other rates to ``sample_rate``; when false a file at another rate is an error."""
+    on_error: Literal["fail", "skip"] = "fail"
+    demo: DemoCorpusConfig = DemoCorpusConfig()
+
+    @model_validator(mode="after")
+    def _source_inputs(self) -> DataConfig:
+        if self.source in ("iemocap", "demo") and not self.root:
+            raise ValueError(f"source '{self.source}' needs data.root (the corpus folder)")
+        if self.source == "manifest" and not self.csv:
+            raise ValueError("source 'manifest' needs data.csv (your manifest CSV)")
+        if len(set(self.emotions)) != len(self.emotions):
+            raise ValueError(f"data.emotions has duplicates: {self.emotions}")
+        unknown = sorted(set(self.merge.values()) - set(self.emotions))
+        if unknown:
+            raise ValueError(f"data.merge maps onto {unknown}, which are not in data.emotions")
+        return self
+
+
+class HubertSize(_Section):
+    """A randomly initialised HuBERT for demos and tests; the defaults are HuBERT base's sizes."""
+
+    hidden_size: PositiveInt = 768
+    num_hidden_layers: PositiveInt = 12
+    num_attention_heads: PositiveInt = 12
+    intermediate_size: PositiveInt = 3072
+    conv_dim: PositiveInt = 512
+    """Channels of each of the 7 CNN feature-encoder layers."""
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> HubertSize:
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError("hidden_size must be a multiple of num_attention_heads")
+        if self.hidden_size % 16:
+            raise ValueError(
+                "hidden_size must be a multiple of 16 (HuBERT's 16 positional-convolution groups)"
+            )
+        return self
+
+
+class BackboneConfig(_Section):
+    """HuBERT: pretrained weights (a local folder or a hub id) or a random model of a given size."""
+
+    pretrained: str | None = "facebook/hubert-base-ls960"
+    allow_download: bool = False
+    """Let Hugging Face download a hub id that is not in the local cache (off: never touch the network)."""
+    random_init: HubertSize | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> BackboneConfig:
+        if (self.pretrained is None) == (self.random_init is None):
+            raise ValueError("set exactly one of backbone.pretrained and backbone.random_init")
+        return self
+
+
+class OptimConfig(_Section):
+    name: Literal["adam"] = "adam"
+    lr: PositiveFloat = 1e-4
+    batch_size: PositiveInt = 64
+    epochs: PositiveInt = 20
+
+
+class Stage1Config(_Section):
+    """Multi-task stage: HuBERT -> BiLSTM -> mean pooling -> LinearP -> emotion and gender heads."""
+
+    alpha_e: Fraction = 0.9
+    """Loss weight: alpha_e * CE_emotion + (1 - alpha_e) * CE_gender."""
+    lstm_hidden: PositiveInt = 256
+    lstm_layers: PositiveInt = 1
+    proj_dim: PositiveInt = 256
+    optim: OptimConfig = OptimConfig()
+
+
+class GMPConfig(_Section):
+    """Pseudo-labels: k-means of one stage-1 HuBERT layer at several scales."""
+
+    layer: NegativeLayer = -3
+    scales: list[PositiveInt] = Field(default_factory=lambda: [64, 512, 4096], min_length=1)
+    backend: Literal["auto", "cuml", "faiss"] = "auto"
+    max_frames: PositiveInt = 1_000_000
+    """Frames sampled to fit each k-means (labels are then assigned to every frame)."""
+    iterations: PositiveInt = 20
+
+
+class Stage2Config(_Section):
+    """Retraining: HuBERT-style span masking, one LinearP head per scale predicting that scale's labels."""
+
+    mask_prob: Fraction = 0.8
+    mask_length: PositiveInt = 10
+    masked_weight: Annotated[float, Field(ge=0)] = 1.0
+    unmasked_weight: Annotated[float, Field(ge=0)] = 0.0
+    proj_dim: PositiveInt = 256
+    optim: OptimConfig = OptimConfig()
+
+
+class Stage3Config(_Section):
+    """Fine-tuning for utterance emotion with AM-Softmax (or plain CE, for the paper's ablation)."""
+
+    loss: Literal["amsoftmax", "ce"] = "amsoftmax"
+    scale: PositiveFloat = 30.0
+    margin: Annotated[float, Field(ge=0)] = 0.2
+    optim: OptimConfig = OptimConfig()
+
+
+class Config(_Section):
+    """One experiment."""
+
+    experiment: ExperimentConfig = ExperimentConfig()
+    data: DataConfig = DataConfig(root="IEMOCAP_full_release")
+    backbone: BackboneConfig = BackboneConfig()
+    stage1: Stage1Config = Stage1Config()
+    gmp: GMPConfig = GMPConfig()
+    stage2: Stage2Config = Stage2Config()
+    stage3: Stage3Config = Stage3Config()
+
+
+def _format_errors(source: str, err: ValidationError) -> str:
+    lines = [f"{source}: invalid config ({err.error_count()} problem(s))"]
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        got = "" if e["type"] == "missing" else f" (got {e['input']!r})"
+        lines.append(f"  {field}: {e['msg']}{got}")
+    return "\n".join(lines)
+
+
+def apply_override(raw: dict[str, Any], override: str) -> None:
+    """Apply one ``section.key=value`` override in place; the value is YAML (``0.8``, ``[64, 512]``)."""
+    key, sep, value = override.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {override!r}: expected FIELD=VALUE, e.g. stage1.alpha_e=0.8")
+    parts = key.strip().split(".")
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {override!r}: {'.'.join(parts[: i + 1])} is not a section")
+        node = child
+    node[parts[-1]] = _parse_yaml(value)
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(source, err)) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Load and validate a YAML experiment; ``None`` gives the paper defaults. Overrides win over the file."""
+    raw: dict[str, Any] = {}
+    source = "<defaults>"
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text()
+        except OSError as err:
+            raise ConfigError(f"{path}: cannot read config: {err.strerror}") from None
+        try:
+            loaded = _parse_yaml(text)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+        raw = loaded or {}
+    for override in overrides:
+        apply_override(raw, override)
+    if overrides:
+        source += " with --set " + " ".join(overrides)
+    return config_from_dict(raw, source)
+
+
+def dump_config(config: Config) -> str:
+    """The fully resolved config as YAML (defaults filled in), e.g. to log it or start a new experiment."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

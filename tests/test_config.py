@@ -1,0 +1,103 @@
+"""Typed config: paper defaults, the shipped YAMLs, overrides, and errors that name the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gmpatl_ray.config import Config, ConfigError, dump_config, load_config
+
+CONFIGS = Path(__file__).parent.parent / "configs"
+
+
+def test_defaults_are_the_papers_values():
+    c = load_config(None)
+    assert c.data.emotions == ["ang", "hap", "neu", "sad"] and c.data.merge == {"exc": "hap"}
+    assert c.backbone.pretrained == "facebook/hubert-base-ls960" and c.backbone.random_init is None
+    assert c.stage1.alpha_e == 0.9
+    assert c.gmp.layer == -3 and c.gmp.scales == [64, 512, 4096]
+    assert (c.stage3.loss, c.stage3.scale, c.stage3.margin) == ("amsoftmax", 30.0, 0.2)
+    for stage in (c.stage1, c.stage2, c.stage3):
+        assert (stage.optim.name, stage.optim.lr, stage.optim.batch_size) == ("adam", 1e-4, 64)
+
+
+def test_iemocap_yaml_states_the_defaults():
+    from_file = load_config(CONFIGS / "iemocap.yaml")
+    defaults = load_config(None)
+    for section in ("stage1", "gmp", "stage2", "stage3"):
+        assert getattr(from_file, section) == getattr(defaults, section), section
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads_and_round_trips(path, tmp_path):
+    config = load_config(path)
+    dumped = tmp_path / "resolved.yaml"
+    dumped.write_text(dump_config(config))
+    assert load_config(dumped) == config
+
+
+def test_overrides_are_parsed_as_yaml():
+    c = load_config(
+        CONFIGS / "demo.yaml",
+        ["stage1.alpha_e=0.8", "gmp.scales=[8, 16]", "stage3.loss=ce", "stage1.optim.lr=3e-4"],
+    )
+    assert c.stage1.alpha_e == 0.8 and c.gmp.scales == [8, 16] and c.stage3.loss == "ce"
+    assert c.stage1.optim.lr == 3e-4
+    assert c.stage1.optim.epochs == 4  # the rest of the file's optim section stays
+
+
+def test_errors_name_the_file_and_every_field(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("stage1:\n  alpha_e: 1.5\n  lstm_hiden: 12\ngmp:\n  layer: 3\n  scales: [64, zero]\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(bad)
+    message = str(err.value)
+    assert message.startswith(f"{bad}: invalid config (4 problem(s))")
+    assert "stage1.alpha_e: Input should be less than or equal to 1 (got 1.5)" in message
+    assert "stage1.lstm_hiden: Extra inputs are not permitted" in message
+    assert "gmp.layer: Input should be less than 0 (got 3)" in message
+    assert "gmp.scales.1: Input should be a valid integer" in message
+
+
+def test_strings_are_not_numbers():
+    with pytest.raises(ConfigError, match=r"stage3.margin: Input should be a valid number \(got '0.2'\)"):
+        load_config(None, ["stage3.margin='0.2'"])
+
+
+def test_unknown_section_and_bad_override():
+    with pytest.raises(ConfigError, match="stage4: Extra inputs are not permitted"):
+        load_config(None, ["stage4.margin=0.1"])
+    with pytest.raises(ConfigError, match="expected FIELD=VALUE"):
+        load_config(None, ["stage3.margin"])
+    with pytest.raises(ConfigError, match="stage1.alpha_e is not a section"):
+        load_config(CONFIGS / "iemocap.yaml", ["stage1.alpha_e.x=1"])
+
+
+def test_cross_field_rules():
+    with pytest.raises(ConfigError, match="set exactly one of backbone.pretrained and backbone.random_init"):
+        load_config(None, ["backbone.random_init={}"])
+    with pytest.raises(ConfigError, match="source 'manifest' needs data.csv"):
+        load_config(None, ["data.source=manifest"])
+    with pytest.raises(ConfigError, match="data.merge maps onto \\['joy'\\]"):
+        load_config(CONFIGS / "iemocap.yaml", ["data.merge={exc: joy}"])
+    with pytest.raises(ConfigError, match="source 'iemocap' needs data.root"):
+        load_config(None, ["data.on_error=skip"])  # a data section replaces the default one whole
+    with pytest.raises(ConfigError, match="hidden_size must be a multiple of num_attention_heads"):
+        load_config(CONFIGS / "demo.yaml", ["backbone.random_init.num_attention_heads=3"])
+
+
+def test_unreadable_and_non_mapping_files(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load_config(tmp_path / "missing.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="expected a mapping of sections"):
+        load_config(tmp_path / "list.yaml")
+    (tmp_path / "broken.yaml").write_text("stage1: [\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(tmp_path / "broken.yaml")
+
+
+def test_configs_are_immutable():
+    with pytest.raises(ValueError):
+        Config().stage1.alpha_e = 0.5
