@@ -1,0 +1,145 @@
+"""The ``gmpatl`` command (also ``python -m gmpatl_ray``); ``jobs/*.py`` wrap it for ``ray job submit``.
+
+Every subcommand takes ``--config FILE`` and any number of ``--set section.field=value`` overrides, so a
+run is always one validated config; the explicit forms (``prepare iemocap --root ...``) are shorthands for
+overrides of that config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .config import Config, dump_config, load_config
+from .errors import InputError
+
+EXIT_BAD_INPUT = 2
+
+
+def _config_args(parser: argparse.ArgumentParser) -> None:
+    # SUPPRESS keeps a value given before a sub-subcommand from being reset to the default after it.
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        default=argparse.SUPPRESS,
+        help="experiment YAML (default: the paper's IEMOCAP settings)",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        metavar="FIELD=VALUE",
+        action="extend",
+        nargs="+",
+        default=argparse.SUPPRESS,
+        help="override config fields, e.g. stage1.alpha_e=0.8",
+    )
+
+
+def _prepare_args(parser: argparse.ArgumentParser) -> None:
+    _config_args(parser)
+    parser.add_argument(
+        "--on-error",
+        choices=["fail", "skip"],
+        default=argparse.SUPPRESS,
+        help="fail (default): list every problem and write nothing; "
+        "skip: write the manifest without them and list them beside it",
+    )
+    parser.add_argument(
+        "--strict",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="fail unless the counts are the full IEMOCAP release's (5531 utterances)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gmpatl",
+        description="GMP-ATL speech emotion recognition (HuBERT + multi-scale pseudo-labels) on Ray.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    prepare = commands.add_parser("prepare", help="build the corpus manifest that every later step reads")
+    _prepare_args(prepare)
+    corpora = prepare.add_subparsers(
+        dest="corpus",
+        metavar="{iemocap,demo,manifest}",
+        help="shorthand for data.source and its paths (default: from the config)",
+    )
+    iemocap = corpora.add_parser("iemocap", help="parse IEMOCAP_full_release")
+    _prepare_args(iemocap)
+    iemocap.add_argument("--root", required=True, help="the IEMOCAP_full_release folder")
+    iemocap.add_argument("--out", required=True, help="manifest file to write (.csv or .parquet)")
+    demo = corpora.add_parser("demo", help="generate the demo corpus in IEMOCAP's layout and parse it")
+    _prepare_args(demo)
+    demo.add_argument("--out", required=True, help="folder for IEMOCAP_demo/ and manifest.csv")
+    own = corpora.add_parser("manifest", help="check and complete your own corpus CSV")
+    _prepare_args(own)
+    own.add_argument("--csv", required=True, help="your CSV (README: 'Bring your own corpus')")
+    own.add_argument("--out", required=True, help="manifest file to write (.csv or .parquet)")
+
+    show = commands.add_parser("config", help="print the fully resolved config (defaults filled in)")
+    _config_args(show)
+    return parser
+
+
+def _load(args: argparse.Namespace, extra: list[str] = ()) -> Config:
+    return load_config(getattr(args, "config", None), [*getattr(args, "overrides", []), *extra])
+
+
+def _prepare_overrides(args: argparse.Namespace) -> list[str]:
+    if args.corpus == "iemocap":
+        overrides = ["data.source=iemocap", f"data.root={args.root}", f"data.manifest={args.out}"]
+    elif args.corpus == "demo":
+        out = Path(args.out)
+        overrides = [
+            "data.source=demo",
+            f"data.root={out / 'IEMOCAP_demo'}",
+            f"data.manifest={out / 'manifest.csv'}",
+        ]
+    elif args.corpus == "manifest":
+        overrides = ["data.source=manifest", f"data.csv={args.csv}", f"data.manifest={args.out}"]
+    else:
+        overrides = []
+    if hasattr(args, "on_error"):
+        overrides.append(f"data.on_error={args.on_error}")
+    return overrides
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from .data.manifest import format_summary
+    from .data.prepare import prepare
+
+    config = _load(args, _prepare_overrides(args))
+    result = prepare(config.data, strict=getattr(args, "strict", False))
+    print(format_summary(result.manifest, f"{config.data.source} manifest {result.path}"))
+    if result.dropped:
+        dropped = "  ".join(f"{k} {v}" for k, v in sorted(result.dropped.items()))
+        print(f"  dropped  {dropped}  (labels outside data.emotions {config.data.emotions})")
+    if result.problems:
+        print(f"skipped {len(result.problems)} problem(s), listed in {result.skipped_path}:")
+        for problem in result.problems:
+            print(f"  {problem}")
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    print(dump_config(_load(args)), end="")
+    return 0
+
+
+COMMANDS = {"prepare": cmd_prepare, "config": cmd_config}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except (InputError, FileExistsError) as err:
+        print(f"gmpatl {args.command}: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())
