@@ -79,6 +79,15 @@ def build_parser() -> argparse.ArgumentParser:
     own.add_argument("--csv", required=True, help="your CSV (README: 'Bring your own corpus')")
     own.add_argument("--out", required=True, help="manifest file to write (.csv or .parquet)")
 
+    extract = commands.add_parser("extract", help="HuBERT layer features of the manifest with Ray Data")
+    _config_args(extract)
+    cluster = commands.add_parser("cluster", help="extract, then multi-scale k-means pseudo-labels (GMPs)")
+    _config_args(cluster)
+    report = commands.add_parser(
+        "gmp-report", help="purity and NMI of GMPs vs emotion and gender for each of extract.layers"
+    )
+    _config_args(report)
+
     show = commands.add_parser("config", help="print the fully resolved config (defaults filled in)")
     _config_args(show)
     return parser
@@ -124,12 +133,86 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _features(config: Config):
+    """Manifest (prepared if missing), Ray, and the cached or freshly extracted feature store."""
+    from .artifacts import ArtifactCache
+    from .data.prepare import load_or_prepare
+    from .features import extract_features
+    from .runtime import init_ray
+
+    manifest = load_or_prepare(config.data)
+    init_ray()
+    cache = ArtifactCache(config.experiment.cache_dir)
+    store, built = extract_features(config, manifest, cache)
+    meta = store.artifact.meta
+    state = "extracted" if built else "reused"
+    print(
+        f"features {state}: {meta['utterances']} utterances, {meta['frames']} frames, "
+        f"{meta['audio_s']:.0f} s of audio, layers {store.layers}, dim {store.dim} -> {store.path}"
+    )
+    if built:
+        print(
+            f"  {meta['seconds']:.1f} s on {meta['device']}: "
+            f"{meta['audio_s_per_s']:.1f} audio seconds per second"
+        )
+    return manifest, cache, store
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    _features(_load(args))
+    return 0
+
+
+def _gmps(config: Config, cache, store, layer: int):
+    from .gmp import build_gmps_on_cluster
+
+    gmps, built = build_gmps_on_cluster(store, layer, config.gmp, config.experiment.seed, None, cache)
+    meta = gmps.meta
+    print(
+        f"GMPs {'built' if built else 'reused'} for layer {layer} ({meta['backend']}, "
+        f"{meta['sampled_frames']} of {meta['fit_frames']} frames sampled) -> {gmps.path}"
+    )
+    for k in gmps.scales:
+        print(
+            f"  k={k:<5} inertia/frame {meta['inertia_per_frame'][str(k)]:.4f}  "
+            f"fit {meta['fit_seconds'][str(k)]:.1f} s"
+        )
+    return gmps
+
+
+def cmd_cluster(args: argparse.Namespace) -> int:
+    config = _load(args)
+    _, cache, store = _features(config)
+    _gmps(config, cache, store, config.gmp.layer)
+    return 0
+
+
+def cmd_gmp_report(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from .gmp_report import label_quality, save_report, to_markdown
+
+    config = _load(args)
+    manifest, cache, store = _features(config)
+    table = pd.concat([label_quality(_gmps(config, cache, store, layer), manifest) for layer in store.layers])
+    paths = save_report(table, Path(config.experiment.output_dir) / "reports")
+    print(to_markdown(table))
+    print(f"saved {paths['csv']}, {paths['markdown']} and {paths['plot']}")
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     print(dump_config(_load(args)), end="")
     return 0
 
 
-COMMANDS = {"prepare": cmd_prepare, "config": cmd_config}
+COMMANDS = {
+    "prepare": cmd_prepare,
+    "extract": cmd_extract,
+    "cluster": cmd_cluster,
+    "gmp-report": cmd_gmp_report,
+    "config": cmd_config,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

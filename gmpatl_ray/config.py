@@ -52,6 +52,9 @@ class ExperimentConfig(_Section):
     name: str = "gmpatl-iemocap"
     seed: int = 0
     output_dir: str = "outputs"
+    cache_dir: str = "outputs/cache"
+    """Fingerprinted artifacts (features, GMPs, checkpoints), shareable between experiments and sweeps;
+    on a cluster it must be on storage every node sees."""
 
 
 class DemoCorpusConfig(_Section):
@@ -86,7 +89,8 @@ class DataConfig(_Section):
     emotions: list[str] = Field(default_factory=lambda: ["ang", "hap", "neu", "sad"], min_length=2)
     merge: dict[str, str] = Field(default_factory=lambda: {"exc": "hap"})
     """Labels renamed before filtering: IEMOCAP's 'excited' joins 'happy'."""
-    sample_rate: PositiveInt = 16000
+    sample_rate: Literal[16000] = 16000
+    """HuBERT's rate; other rates are resampled to it (or refused, see ``resample``)."""
     resample: bool = True
     """Resample other rates to ``sample_rate``; when false a file at another rate is an error."""
     on_error: Literal["fail", "skip"] = "fail"
@@ -149,6 +153,25 @@ class OptimConfig(_Section):
     epochs: PositiveInt = 20
 
 
+class ExtractConfig(_Section):
+    """Ray Data feature extraction: manifest -> audio -> length-bucketed batches -> HuBERT actors."""
+
+    layers: list[NegativeLayer] | None = None
+    """Hidden states to store; None stores ``gmp.layer`` only."""
+    batch_size: PositiveInt = 1
+    """Utterances per forward pass, bucketed by duration (1 is fastest on CPU; 16-32 on a GPU)."""
+    max_duration_s: PositiveFloat = 20.0
+    long_audio: Literal["chunk", "crop"] = "chunk"
+    """Longer utterances are cut into frame-aligned chunks (all frames kept) or cropped to the limit."""
+    actors: PositiveInt = 1
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto: one GPU per actor when the cluster has GPUs, else CPU actors."""
+    threads_per_actor: PositiveInt | None = None
+    """torch threads in each CPU actor (Ray sets 1); None: the machine's cores divided among the actors."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """bf16 autocast on GPU; features are stored as float16 either way."""
+
+
 class Stage1Config(_Section):
     """Multi-task stage: HuBERT -> BiLSTM -> mean pooling -> LinearP -> emotion and gender heads."""
 
@@ -167,7 +190,8 @@ class GMPConfig(_Section):
     scales: list[PositiveInt] = Field(default_factory=lambda: [64, 512, 4096], min_length=1)
     backend: Literal["auto", "cuml", "faiss"] = "auto"
     max_frames: PositiveInt = 1_000_000
-    """Frames sampled to fit each k-means (labels are then assigned to every frame)."""
+    """Frames sampled uniformly to fit each k-means (as fairseq samples a percentage); every frame is then
+    labelled. This is also the multi-GPU strategy: the sample fits one GPU, labelling streams."""
     iterations: PositiveInt = 20
 
 
@@ -197,6 +221,7 @@ class Config(_Section):
     experiment: ExperimentConfig = ExperimentConfig()
     data: DataConfig = DataConfig(root="IEMOCAP_full_release")
     backbone: BackboneConfig = BackboneConfig()
+    extract: ExtractConfig = ExtractConfig()
     stage1: Stage1Config = Stage1Config()
     gmp: GMPConfig = GMPConfig()
     stage2: Stage2Config = Stage2Config()

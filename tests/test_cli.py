@@ -7,8 +7,10 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+import pytest
+from conftest import small_config
 
-from gmpatl_ray.config import load_config
+from gmpatl_ray.config import dump_config, load_config
 
 REPO = Path(__file__).parent.parent
 GMPATL = Path(sys.executable).parent / "gmpatl"
@@ -64,3 +66,35 @@ def test_job_entrypoint_runs_the_submitted_copy(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "manifest.csv").is_file()
+
+
+@pytest.mark.slow
+def test_extract_cluster_and_report_through_a_local_ray_cluster(tmp_path):
+    config_file = tmp_path / "small.yaml"
+    config_file.write_text(dump_config(small_config(tmp_path)))
+
+    first = run(str(GMPATL), "cluster", "--config", str(config_file))
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "features extracted: 32 utterances" in first.stdout
+    assert "audio seconds per second" in first.stdout
+    assert "GMPs built for layer -2 (faiss" in first.stdout
+    assert "k=4 " in first.stdout and "k=8 " in first.stdout
+
+    again = run(str(GMPATL), "cluster", "--config", str(config_file))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "features reused" in again.stdout and "GMPs reused for layer -2" in again.stdout
+
+    report = run(str(GMPATL), "gmp-report", "--config", str(config_file), "--set", "extract.layers=[-1, -2]")
+    assert report.returncode == 0, report.stderr[-3000:]
+    table = pd.read_csv(tmp_path / "out" / "reports" / "gmp_report.csv")
+    assert sorted(zip(table["layer"], table["scale"], strict=True)) == [(-2, 4), (-2, 8), (-1, 4), (-1, 8)]
+    assert (tmp_path / "out" / "reports" / "gmp_report.png").stat().st_size > 10_000
+    assert "| layer |" in report.stdout.replace("   ", " ").replace("  ", " ")
+
+
+def test_impossible_scale_exits_2_naming_the_field(tmp_path):
+    config_file = tmp_path / "small.yaml"
+    config_file.write_text(dump_config(small_config(tmp_path, "gmp.scales=[4, 1000000]")))
+    result = run(str(GMPATL), "cluster", "--config", str(config_file))
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "gmp.scales: k=1000000 is larger than the" in result.stderr

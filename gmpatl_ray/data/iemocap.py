@@ -22,7 +22,7 @@ from pathlib import Path
 import pandas as pd
 
 from .audio import AudioError, audio_info
-from .manifest import COLUMNS, Problem
+from .manifest import COLUMNS, MIN_DURATION_S, Problem
 
 LABELS = ("ang", "hap", "exc", "neu", "sad", "fru", "sur", "fea", "dis", "oth", "xxx")
 """Every label an IEMOCAP summary line can carry; anything else is a malformed file."""
@@ -131,6 +131,9 @@ def scan_iemocap(root: str | Path, emotions: list[str], merge: dict[str, str]) -
                     info = audio_info(wav)
                 except AudioError as err:
                     problems.append(Problem(err.path, f"{err.problem} (labelled at {where})", utt_id))
+                    continue
+                if info.frames / info.samplerate < MIN_DURATION_S:
+                    problems.append(Problem(str(wav), "shorter than one HuBERT frame (25 ms)", utt_id))
                     continue
                 gender = utt_id.rsplit("_", 1)[1][0]
                 rows.append(

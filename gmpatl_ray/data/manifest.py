@@ -31,6 +31,8 @@ from .audio import AudioError, audio_info
 COLUMNS = ("utt_id", "path", "session", "speaker", "gender", "emotion", "duration_s")
 REQUIRED_INPUT_COLUMNS = ("utt_id", "path", "gender", "emotion")
 GENDERS = ("F", "M")
+MIN_DURATION_S = 0.025
+"""Shorter audio gives no HuBERT frame (the CNN's receptive field is 400 samples at 16 kHz)."""
 
 
 @dataclass(frozen=True)
@@ -97,6 +99,12 @@ def check_manifest(manifest: pd.DataFrame, emotions: Iterable[str], where: str) 
         if not _positive_number(row.duration_s):
             problems.append(
                 Problem(at, f"duration_s {row.duration_s!r} is not a positive number", row.utt_id)
+            )
+        elif float(row.duration_s) < MIN_DURATION_S:
+            problems.append(
+                Problem(
+                    at, f"duration_s {row.duration_s} is shorter than one HuBERT frame (25 ms)", row.utt_id
+                )
             )
     duplicated = manifest["utt_id"][manifest["utt_id"].duplicated(keep=False)]
     for utt_id, rows in duplicated.groupby(duplicated).groups.items():

@@ -22,6 +22,7 @@ from .manifest import (
     Problem,
     check_manifest,
     complete_manifest,
+    read_manifest,
     write_manifest,
 )
 
@@ -103,3 +104,10 @@ def _maybe_int(column: pd.Series) -> pd.Series:
     if numeric.notna().all() and (numeric % 1 == 0).all():
         return numeric.astype(int)
     return column
+
+
+def load_or_prepare(data: DataConfig) -> pd.DataFrame:
+    """The checked manifest at ``data.manifest``, running :func:`prepare` first when it does not exist."""
+    if not Path(data.manifest).is_file():
+        prepare(data)
+    return read_manifest(data.manifest, data.emotions)

@@ -74,3 +74,81 @@ def hidden_state_index(layer: int, num_hidden_layers: int) -> int:
             f"use -1 .. -{num_hidden_layers}"
         )
     return num_hidden_layers + 1 + layer
+
+
+def truncate_layers(model: HubertModel, deepest: int) -> HubertModel:
+    """Drop the transformer layers after ``deepest`` (negative index; for several layers, the largest) in
+    place: extracting layer -3 of 12 then runs 10 layers, not 12. Only for a model used for nothing else."""
+    keep = hidden_state_index(deepest, model.config.num_hidden_layers)
+    model.encoder.layers = model.encoder.layers[:keep]
+    return model
+
+
+def frame_counts(model: HubertModel, num_samples: torch.Tensor) -> torch.Tensor:
+    """HuBERT frames (50 a second) for waveforms of ``num_samples`` samples."""
+    return model._get_feat_extract_output_lengths(num_samples).long()
+
+
+def hubert_layers(
+    model: HubertModel, waves: torch.Tensor, lengths: torch.Tensor, layers: list[int]
+) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+    """Outputs of transformer ``layers`` (negative indices) for a zero-padded batch, and frames per item.
+
+    Padding counts for nothing, so an utterance gets the same features alone or in any batch: the
+    transformer gets the frame attention mask, and the first CNN layer's group norm (HuBERT base
+    normalises each channel over time) takes its statistics over the valid samples only. Plain
+    ``HubertModel(input_values, attention_mask)`` lets the padding shift those statistics.
+    """
+    num_layers = model.config.num_hidden_layers
+    wanted = {layer: hidden_state_index(layer, num_layers) for layer in layers}
+    if max(wanted.values()) > len(model.encoder.layers):
+        raise BackboneError(f"layers {layers} need more than the {len(model.encoder.layers)} layers kept")
+    frames = frame_counts(model, lengths)
+    features = _feature_encoder(model, waves, lengths).transpose(1, 2)
+    frame_mask = torch.arange(features.shape[1], device=waves.device)[None, :] < frames[:, None]
+    hidden = model.feature_projection(features)
+    hidden = hidden[0] if isinstance(hidden, tuple) else hidden  # some versions also return the input
+
+    captured: dict[int, torch.Tensor] = {}
+
+    def keep(index: int):
+        def hook(_module, _inputs, output):
+            captured[index] = output[0] if isinstance(output, tuple) else output
+
+        return hook
+
+    hooks = [model.encoder.layers[i - 1].register_forward_hook(keep(i)) for i in set(wanted.values())]
+    try:
+        model.encoder(hidden, attention_mask=frame_mask)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    outputs = {}
+    for layer, index in wanted.items():
+        out = captured[index]
+        if model.config.do_stable_layer_norm and index == num_layers:  # HF's last hidden state is normed
+            out = model.encoder.layer_norm(out)
+        outputs[layer] = out
+    return outputs, frames
+
+
+def _feature_encoder(model: HubertModel, waves: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """The CNN feature encoder with the first layer's group norm restricted to each item's valid samples."""
+    encoder = model.feature_extractor
+    if model.config.feat_extract_norm != "group":  # layer norm is per time step: padding cannot leak
+        return encoder(waves)
+    first = encoder.conv_layers[0]
+    h = first.conv(waves[:, None, :])
+    valid_steps = (lengths - first.conv.kernel_size[0]) // first.conv.stride[0] + 1
+    valid = (
+        (torch.arange(h.shape[-1], device=h.device)[None, :] < valid_steps[:, None]).unsqueeze(1).to(h.dtype)
+    )
+    count = valid.sum(-1, keepdim=True).clamp(min=1)
+    mean = (h * valid).sum(-1, keepdim=True) / count
+    var = (((h - mean) * valid) ** 2).sum(-1, keepdim=True) / count
+    norm = first.layer_norm
+    h = (h - mean) / torch.sqrt(var + norm.eps) * norm.weight[None, :, None] + norm.bias[None, :, None]
+    h = first.activation(h)
+    for layer in encoder.conv_layers[1:]:
+        h = layer(h)
+    return h

@@ -1,0 +1,90 @@
+"""The artifact cache: atomic builds, corrupt artifacts rebuilt, one build for concurrent claimants."""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+from pathlib import Path
+
+import pytest
+
+from gmpatl_ray.artifacts import MARKER, ArtifactCache, fingerprint
+
+
+def write_two_files(folder: Path) -> dict:
+    (folder / "a.bin").write_bytes(b"x" * 1000)
+    (folder / "sub").mkdir()
+    (folder / "sub" / "b.txt").write_text("hello")
+    return {"note": "built"}
+
+
+def test_fingerprint_is_stable_and_order_free():
+    assert fingerprint({"a": 1, "b": [1, 2]}) == fingerprint({"b": [1, 2], "a": 1})
+    assert fingerprint({"a": 1}) != fingerprint({"a": 2})
+    assert len(fingerprint("x")) == 16
+
+
+def test_build_then_reuse(tmp_path):
+    cache = ArtifactCache(tmp_path)
+    artifact, built = cache.get_or_build("kind", "k1", write_two_files)
+    assert built and artifact.meta == {"note": "built"} and (artifact.path / MARKER).is_file()
+    assert (artifact.path / "sub" / "b.txt").read_text() == "hello"
+    again, built = cache.get_or_build("kind", "k1", lambda folder: pytest.fail("must not rebuild"))
+    assert not built and again == artifact
+    assert [p.name for p in (tmp_path / "kind").iterdir() if p.is_dir()] == ["k1"]  # no temp folders left
+
+
+def test_a_crashed_build_leaves_nothing_that_is_trusted(tmp_path):
+    cache = ArtifactCache(tmp_path)
+
+    def crash(folder: Path) -> dict:
+        (folder / "half.bin").write_bytes(b"x" * 10)
+        raise RuntimeError("worker died")
+
+    with pytest.raises(RuntimeError, match="worker died"):
+        cache.get_or_build("kind", "k1", crash)
+    assert cache.load("kind", "k1") is None
+    assert not any(p.is_dir() for p in (tmp_path / "kind").iterdir())
+    _, built = cache.get_or_build("kind", "k1", write_two_files)
+    assert built
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "delete", "marker"])
+def test_damaged_artifacts_are_rebuilt(tmp_path, damage):
+    cache = ArtifactCache(tmp_path)
+    artifact, _ = cache.get_or_build("kind", "k1", write_two_files)
+    target = artifact.path / "a.bin"
+    if damage == "truncate":
+        target.write_bytes(b"x" * 500)
+    elif damage == "flip":  # same size, other content: only the checksum sees it
+        target.write_bytes(b"y" + b"x" * 999)
+    elif damage == "delete":
+        target.unlink()
+    else:
+        (artifact.path / MARKER).write_text("{not json")
+    assert cache.load("kind", "k1") is None
+    rebuilt, built = cache.get_or_build("kind", "k1", write_two_files)
+    assert built and (rebuilt.path / "a.bin").read_bytes() == b"x" * 1000
+
+
+def _slow_builder(root: str, log: str) -> None:
+    def build(folder: Path) -> dict:
+        with open(log, "a") as f:
+            f.write("build\n")
+        time.sleep(1.0)
+        return write_two_files(folder)
+
+    ArtifactCache(root).get_or_build("kind", "shared", build)
+
+
+def test_concurrent_claimants_build_once(tmp_path):
+    log = tmp_path / "builds.log"
+    ctx = multiprocessing.get_context("spawn")
+    workers = [ctx.Process(target=_slow_builder, args=(str(tmp_path / "cache"), str(log))) for _ in range(3)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(timeout=60)
+    assert [w.exitcode for w in workers] == [0, 0, 0]
+    assert log.read_text() == "build\n"
+    assert ArtifactCache(tmp_path / "cache").load("kind", "shared") is not None

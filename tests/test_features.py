@@ -1,0 +1,125 @@
+"""Ray Data feature extraction on a real local Ray cluster: frame alignment, batch invariance, long audio,
+fingerprint reuse and invalidation, corrupt artifacts, bad configs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import small_config
+
+from gmpatl_ray.artifacts import ArtifactCache
+from gmpatl_ray.data.audio import load_audio
+from gmpatl_ray.features import chunk_bounds, extract_features
+from gmpatl_ray.models.backbone import BackboneError, frame_counts, hidden_state_index, load_backbone
+
+pytestmark = pytest.mark.usefixtures("ray_cluster")
+
+
+def reference_features(config, wave: np.ndarray, layer: int) -> np.ndarray:
+    """The plain transformers forward pass of one waveform, alone: what the store must hold."""
+    model = load_backbone(config.backbone, config.experiment.seed).eval()
+    with torch.no_grad():
+        out = model(torch.from_numpy(wave)[None], output_hidden_states=True)
+    return out.hidden_states[hidden_state_index(layer, model.config.num_hidden_layers)][0].numpy()
+
+
+@pytest.mark.parametrize("batch_size", [1, 4])
+def test_features_match_a_plain_forward_pass_frame_for_frame(small_corpus, tmp_path, batch_size):
+    folder, manifest = small_corpus
+    config = small_config(
+        folder,
+        f"experiment.cache_dir={tmp_path}",
+        f"extract.batch_size={batch_size}",
+        "extract.layers=[-1, -2]",
+    )
+    store, built = extract_features(config, manifest, ArtifactCache(tmp_path))
+    assert built and store.layers == [-1, -2] and store.dim == 32
+    index = store.index().set_index("utt_id")
+    assert set(index.index) == set(manifest["utt_id"])
+    model = load_backbone(config.backbone, config.experiment.seed)
+    rows = manifest.set_index("utt_id")
+    for utt_id, frames in index["frames"].items():  # alignment: HuBERT's own frame count for the audio
+        samples = len(load_audio(rows.at[utt_id, "path"]))
+        assert frames == int(frame_counts(model, torch.tensor([samples]))[0])
+    checked = 0
+    for utt_id, x in store.iter_layer(-2):
+        if checked < 6:  # padded batches give the same features as a lone utterance
+            expected = reference_features(config, load_audio(rows.at[utt_id, "path"]), -2)
+            np.testing.assert_allclose(x, expected, atol=2e-2, rtol=1e-2)
+            checked += 1
+        assert x.dtype == np.float16 and x.shape == (index.at[utt_id, "frames"], 32)
+    assert store.artifact.meta["audio_s"] == pytest.approx(manifest["duration_s"].sum(), abs=0.1)
+
+
+def test_long_audio_is_chunked_frame_exactly_or_cropped(small_corpus, tmp_path):
+    folder, manifest = small_corpus
+    longest = manifest.sort_values("duration_s").iloc[-1]
+    one = manifest[manifest["utt_id"] == longest["utt_id"]]
+    whole = small_config(folder, "extract.max_duration_s=60")
+    chunked = small_config(folder, "extract.max_duration_s=1.0")
+    cropped = small_config(folder, "extract.max_duration_s=1.0", "extract.long_audio=crop")
+    cache = ArtifactCache(tmp_path)
+    frames = {}
+    for name, config in [("whole", whole), ("chunked", chunked), ("cropped", cropped)]:
+        store, built = extract_features(config, one, cache)
+        assert built, name  # the cut is part of the fingerprint
+        ((_, frames[name]),) = store.iter_layer(-2)
+    wave = load_audio(longest["path"])
+    assert len(frames["chunked"]) == len(frames["whole"]) > 150
+    np.testing.assert_allclose(frames["whole"], reference_features(whole, wave, -2), atol=2e-2, rtol=1e-2)
+    (start, end), *_ = chunk_bounds(len(wave), 16000, 320, 400)  # the first chunk, computed on its own
+    first = reference_features(chunked, wave[start:end], -2)
+    np.testing.assert_allclose(frames["chunked"][: len(first)], first, atol=2e-2, rtol=1e-2)
+    assert len(frames["cropped"]) == 49  # 1 s of audio
+    np.testing.assert_allclose(
+        frames["cropped"], reference_features(cropped, wave[:16000], -2), atol=2e-2, rtol=1e-2
+    )
+
+
+@pytest.mark.parametrize("samples", [400, 16000, 16080, 33333, 480000])
+def test_chunk_frames_add_up_to_the_whole(samples):
+    model = load_backbone(small_config(Path("/unused")).backbone)
+    bounds = chunk_bounds(samples, 16000, 320, 400)
+    total = sum(int(frame_counts(model, torch.tensor([b - a]))[0]) for a, b in bounds)
+    assert total == int(frame_counts(model, torch.tensor([samples]))[0])
+    assert bounds[0][0] == 0 and bounds[-1][1] == samples
+    assert all(b - a <= 16000 for a, b in bounds)
+
+
+def test_rerun_reuses_and_changes_invalidate(small_corpus, tmp_path):
+    folder, manifest = small_corpus
+    cache = ArtifactCache(tmp_path)
+    config = small_config(folder)
+    first, built = extract_features(config, manifest, cache)
+    assert built
+    again, built = extract_features(config, manifest, cache)
+    assert not built and again.path == first.path
+    other_layer, built = extract_features(small_config(folder, "gmp.layer=-1"), manifest, cache)
+    assert built and other_layer.path != first.path
+    fewer, built = extract_features(config, manifest.iloc[:-1], cache)
+    assert built and fewer.path != first.path
+    other_seed, built = extract_features(small_config(folder, "experiment.seed=1"), manifest, cache)
+    assert built and other_seed.path != first.path  # another random backbone
+
+
+def test_a_truncated_store_is_rebuilt_not_trusted(small_corpus, tmp_path):
+    folder, manifest = small_corpus
+    cache = ArtifactCache(tmp_path)
+    config = small_config(folder)
+    store, _ = extract_features(config, manifest, cache)
+    shard = sorted((store.path / "parquet").glob("*.parquet"))[0]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    rebuilt, built = extract_features(config, manifest, cache)
+    assert built and rebuilt.path == store.path
+    assert sum(1 for _ in rebuilt.iter_layer(-2)) == len(manifest)
+
+
+def test_layer_out_of_range_fails_before_any_work(small_corpus, tmp_path):
+    folder, manifest = small_corpus
+    config = small_config(folder, "gmp.layer=-4")  # the tiny backbone has 3 layers
+    with pytest.raises(BackboneError, match="layer -4 is out of range .* 3 transformer layers: use -1 .. -3"):
+        extract_features(config, manifest, ArtifactCache(tmp_path))
+    assert not (tmp_path / "features").exists() or not any((tmp_path / "features").iterdir())
