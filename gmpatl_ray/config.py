@@ -163,13 +163,15 @@ class ExtractConfig(_Section):
     max_duration_s: PositiveFloat = 20.0
     long_audio: Literal["chunk", "crop"] = "chunk"
     """Longer utterances are cut into frame-aligned chunks (all frames kept) or cropped to the limit."""
-    actors: PositiveInt = 1
+    actors: PositiveInt | None = None
+    """None: one actor per GPU of the cluster, or, on CPU, one per CPU core (data parallelism beats
+    torch's intra-op threads for one utterance at a time)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """auto: one GPU per actor when the cluster has GPUs, else CPU actors."""
-    threads_per_actor: PositiveInt | None = None
-    """torch threads in each CPU actor (Ray sets 1); None: the machine's cores divided among the actors."""
+    threads_per_actor: PositiveInt = 1
+    """torch threads in each CPU actor."""
     precision: Literal["fp32", "bf16"] = "fp32"
-    """bf16 autocast on GPU; features are stored as float16 either way."""
+    """bf16 autocast (GPU, or CPUs with AMX/AVX512-BF16); features are stored as float16 either way."""
 
 
 class Stage1Config(_Section):

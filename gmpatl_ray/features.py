@@ -1,6 +1,9 @@
 """Layer features with Ray Data: manifest -> decoded audio -> length-bucketed batches -> HuBERT actor pool
 -> float16 hidden states in a fingerprinted Parquet store.
 
+Module-level imports stay light (no torch): Ray workers that run the decode tasks import this module's
+neighbours, and a torch import in each of them costs seconds of CPU the actors need.
+
 The store has one row per utterance: ``utt_id``, ``frames`` (HuBERT frames at 50 a second for the audio as
 used, i.e. after cropping) and one binary column per layer, ``layer-3`` etc., holding ``frames x dim``
 float16 values in row-major order. Parquet is columnar, so reading one layer reads only that column.
@@ -8,7 +11,6 @@ float16 values in row-major order. Parquet is columnar, so reading one layer rea
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,8 +23,7 @@ import pyarrow.dataset as pads
 
 from .artifacts import Artifact, ArtifactCache, file_sha256, fingerprint
 from .config import BackboneConfig, Config, ExtractConfig
-from .data.audio import load_audio
-from .models.backbone import hidden_state_index
+from .data.audio import decode_batch
 
 KIND = "features"
 
@@ -128,15 +129,14 @@ class HubertExtractor:
 
         from .models.backbone import load_backbone, truncate_layers
 
-        if device == "cpu":  # Ray gives every worker one thread; use the cores this actor stands for
-            torch.set_num_threads(
-                extract.threads_per_actor or max(1, (os.cpu_count() or 1) // extract.actors)
-            )
+        if device == "cpu":
+            torch.set_num_threads(extract.threads_per_actor)
         self.torch = torch
         self.device = torch.device(device)
         self.layers = layers
+        self.batch_size = extract.batch_size
         self.model = truncate_layers(load_backbone(backbone, seed), max(layers)).eval().to(self.device)
-        self.autocast = extract.precision == "bf16" and device == "cuda"
+        self.autocast = extract.precision == "bf16"
         conv = self.model.config
         self.stride = int(np.prod(conv.conv_stride))
         self.receptive_field = 1
@@ -146,17 +146,20 @@ class HubertExtractor:
         self.max_samples = None if extract.long_audio == "crop" else int(extract.max_duration_s * sample_rate)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        short, long = [], []
+        """A Ray Data batch of rows, run as forward passes of ``extract.batch_size`` waveforms (or chunks)."""
+        pieces: list[tuple[int, np.ndarray]] = []  # (row, waveform or chunk), in order
         for i, wave in enumerate(batch["audio"]):
-            (long if self.max_samples and len(wave) > self.max_samples else short).append(i)
-        results: dict[int, dict[int, np.ndarray]] = {}
-        if short:
-            results.update(zip(short, self._forward([batch["audio"][i] for i in short]), strict=True))
-        for i in long:
-            wave = batch["audio"][i]
-            bounds = chunk_bounds(len(wave), self.max_samples, self.stride, self.receptive_field)
-            parts = self._forward([wave[a:b] for a, b in bounds])
-            results[i] = {layer: np.concatenate([p[layer] for p in parts]) for layer in self.layers}
+            if self.max_samples and len(wave) > self.max_samples:
+                bounds = chunk_bounds(len(wave), self.max_samples, self.stride, self.receptive_field)
+                pieces += [(i, wave[a:b]) for a, b in bounds]
+            else:
+                pieces.append((i, wave))
+        parts: list[list[dict[int, np.ndarray]]] = [[] for _ in batch["audio"]]
+        for start in range(0, len(pieces), self.batch_size):
+            group = pieces[start : start + self.batch_size]
+            for (i, _), features in zip(group, self._forward([w for _, w in group]), strict=True):
+                parts[i].append(features)
+        results = [{layer: np.concatenate([p[layer] for p in row]) for layer in self.layers} for row in parts]
         order = range(len(batch["utt_id"]))
         out: dict[str, Any] = {
             "utt_id": batch["utt_id"],
@@ -175,7 +178,7 @@ class HubertExtractor:
         padded = torch.zeros(len(waves), int(lengths.max()))
         for i, wave in enumerate(waves):
             padded[i, : len(wave)] = torch.from_numpy(np.asarray(wave, dtype=np.float32))
-        with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16, enabled=self.autocast):
+        with torch.inference_mode(), torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
             outputs, frames = hubert_layers(
                 self.model, padded.to(self.device), lengths.to(self.device), self.layers
             )
@@ -185,20 +188,28 @@ class HubertExtractor:
         ]
 
 
-def decode_batch(batch: dict[str, np.ndarray], sample_rate: int, resample: bool, crop: int | None) -> dict:
-    """A Ray Data task: paths -> float32 16 kHz mono waveforms (cropped when ``long_audio: crop``)."""
-    audio = np.empty(len(batch["path"]), dtype=object)  # ragged: one float32 array per utterance
-    for i, path in enumerate(batch["path"]):
-        audio[i] = load_audio(path, sample_rate, resample)[:crop]
-    return {"utt_id": batch["utt_id"], "audio": audio}
+CPU_ACTOR_SHARE = 0.75
+"""Logical CPUs a CPU actor reserves per thread: actors for every core still leave room for the decode and
+write tasks (0.25 each), which would otherwise wait for a free CPU until the actors finish."""
+IO_TASK_CPUS = 0.25
+ROWS_PER_CALL = 16
+"""Rows per Ray Data call; the actor splits them into forward passes of ``extract.batch_size``, so
+per-call overhead is paid once per 16 utterances however small the forward batch."""
 
 
-def extraction_device(extract: ExtractConfig) -> str:
+def extraction_plan(extract: ExtractConfig) -> tuple[str, int]:
+    """The device and number of actors for the connected cluster."""
     import ray
 
-    if extract.device != "auto":
-        return extract.device
-    return "cuda" if ray.cluster_resources().get("GPU", 0) >= 1 else "cpu"
+    resources = ray.cluster_resources()
+    device = extract.device
+    if device == "auto":
+        device = "cuda" if resources.get("GPU", 0) >= 1 else "cpu"
+    if extract.actors is not None:
+        return device, extract.actors
+    if device == "cuda":
+        return device, max(1, int(resources.get("GPU", 0)))
+    return device, max(1, int(resources.get("CPU", 1) // extract.threads_per_actor))
 
 
 def extract_features(
@@ -206,6 +217,8 @@ def extract_features(
 ) -> tuple[FeatureStore, bool]:
     """The feature store for ``manifest`` under ``config``: reused when its fingerprint exists, else built
     with Ray Data on the connected Ray cluster. Returns the store and whether this call built it."""
+    from .models.backbone import hidden_state_index
+
     layers = requested_layers(config)
     if config.backbone.random_init is not None:  # a pretrained model's depth is checked by the actors
         for layer in layers:
@@ -237,7 +250,7 @@ def _run_pipeline(config: Config, manifest: pd.DataFrame, layers: list[int], out
     import ray
 
     extract = config.extract
-    device = extraction_device(extract)
+    device, actors = extraction_plan(extract)
     # Longest first: batches of similar length pad little, and an out-of-memory shows up at once.
     rows = manifest.sort_values("duration_s", ascending=False)[["utt_id", "path"]].reset_index(drop=True)
     crop = int(extract.max_duration_s * config.data.sample_rate) if extract.long_audio == "crop" else None
@@ -248,14 +261,14 @@ def _run_pipeline(config: Config, manifest: pd.DataFrame, layers: list[int], out
     ds = ray.data.from_pandas([rows.iloc[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)])
     ds = ds.map_batches(
         decode_batch,
-        batch_size=extract.batch_size,
+        batch_size=ROWS_PER_CALL,
         fn_kwargs={"sample_rate": config.data.sample_rate, "resample": config.data.resample, "crop": crop},
-        num_cpus=0.25,
+        num_cpus=IO_TASK_CPUS,
     )
     ds = ds.map_batches(
         HubertExtractor,
-        batch_size=extract.batch_size,
-        compute=ray.data.ActorPoolStrategy(size=extract.actors),
+        batch_size=max(ROWS_PER_CALL, extract.batch_size),
+        compute=ray.data.ActorPoolStrategy(size=actors),
         fn_constructor_kwargs={
             "backbone": config.backbone,
             "seed": config.experiment.seed,
@@ -265,9 +278,9 @@ def _run_pipeline(config: Config, manifest: pd.DataFrame, layers: list[int], out
             "sample_rate": config.data.sample_rate,
         },
         num_gpus=1 if device == "cuda" else 0,
-        num_cpus=1,
+        num_cpus=1 if device == "cuda" else CPU_ACTOR_SHARE * extract.threads_per_actor,
     )
-    ds.write_parquet(str(out))
+    ds.write_parquet(str(out), ray_remote_args={"num_cpus": IO_TASK_CPUS})
     seconds = time.perf_counter() - start
     table = pads.dataset(out, format="parquet").to_table(
         columns=["frames", "audio_s", layer_column(layers[0])]
@@ -283,4 +296,5 @@ def _run_pipeline(config: Config, manifest: pd.DataFrame, layers: list[int], out
         "seconds": seconds,
         "audio_s_per_s": audio_s / seconds,
         "device": device,
+        "actors": actors,
     }

@@ -63,3 +63,12 @@ def load_audio(path: str | Path, sample_rate: int = 16000, resample: bool = True
 
         wave = AF.resample(torch.from_numpy(np.ascontiguousarray(wave)), rate, sample_rate).numpy()
     return np.ascontiguousarray(wave, dtype=np.float32)
+
+
+def decode_batch(batch: dict[str, np.ndarray], sample_rate: int, resample: bool, crop: int | None) -> dict:
+    """A Ray Data task over a batch of manifest rows: paths -> float32 mono waveforms at ``sample_rate``,
+    cut to ``crop`` samples when given."""
+    audio = np.empty(len(batch["path"]), dtype=object)  # ragged: one float32 array per utterance
+    for i, path in enumerate(batch["path"]):
+        audio[i] = load_audio(path, sample_rate, resample)[:crop]
+    return {"utt_id": batch["utt_id"], "audio": audio}

@@ -135,8 +135,8 @@ def hubert_layers(
 def _feature_encoder(model: HubertModel, waves: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """The CNN feature encoder with the first layer's group norm restricted to each item's valid samples."""
     encoder = model.feature_extractor
-    if model.config.feat_extract_norm != "group":  # layer norm is per time step: padding cannot leak
-        return encoder(waves)
+    if model.config.feat_extract_norm != "group" or bool((lengths == waves.shape[1]).all()):
+        return encoder(waves)  # layer norm is per time step, or there is no padding: nothing can leak
     first = encoder.conv_layers[0]
     h = first.conv(waves[:, None, :])
     valid_steps = (lengths - first.conv.kernel_size[0]) // first.conv.stride[0] + 1
