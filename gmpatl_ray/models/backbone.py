@@ -90,7 +90,11 @@ def frame_counts(model: HubertModel, num_samples: torch.Tensor) -> torch.Tensor:
 
 
 def hubert_layers(
-    model: HubertModel, waves: torch.Tensor, lengths: torch.Tensor, layers: list[int]
+    model: HubertModel,
+    waves: torch.Tensor,
+    lengths: torch.Tensor,
+    layers: list[int],
+    mask: torch.Tensor | None = None,
 ) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
     """Outputs of transformer ``layers`` (negative indices) for a zero-padded batch, and frames per item.
 
@@ -98,6 +102,9 @@ def hubert_layers(
     transformer gets the frame attention mask, and the first CNN layer's group norm (HuBERT base
     normalises each channel over time) takes its statistics over the valid samples only. Plain
     ``HubertModel(input_values, attention_mask)`` lets the padding shift those statistics.
+
+    ``mask`` (B, frames), for stage 2, replaces the masked frames of the CNN features by the model's learned
+    mask embedding before the transformer (see :mod:`gmpatl_ray.models.masking`).
     """
     num_layers = model.config.num_hidden_layers
     wanted = {layer: hidden_state_index(layer, num_layers) for layer in layers}
@@ -108,6 +115,9 @@ def hubert_layers(
     frame_mask = torch.arange(features.shape[1], device=waves.device)[None, :] < frames[:, None]
     hidden = model.feature_projection(features)
     hidden = hidden[0] if isinstance(hidden, tuple) else hidden  # some versions also return the input
+    if mask is not None:
+        hidden = hidden.clone()
+        hidden[mask.to(hidden.device)] = model.masked_spec_embed.to(hidden.dtype)
 
     captured: dict[int, torch.Tensor] = {}
 
