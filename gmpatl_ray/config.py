@@ -174,6 +174,25 @@ class ExtractConfig(_Section):
     """bf16 autocast (GPU, or CPUs with AMX/AVX512-BF16); features are stored as float16 either way."""
 
 
+class TrainConfig(_Section):
+    """How every stage runs on Ray Train (DDP: NCCL on GPUs, gloo on CPUs)."""
+
+    num_workers: PositiveInt = 1
+    use_gpu: bool = False
+    cpus_per_worker: PositiveInt = 1
+    """Logical CPUs per worker, and its torch threads (Ray starts workers with one)."""
+    max_failures: Annotated[int, Field(ge=0)] = 2
+    """Worker failures a stage survives by restarting from its last checkpoint."""
+    storage_path: str = "outputs/ray_train"
+    """Ray Train's run folder (checkpoints); shared storage on a multi-node cluster."""
+    val_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.1
+    """Share of the training folds held out (per emotion) to pick the best epoch."""
+    max_duration_s: PositiveFloat = 8.0
+    """Training crops longer utterances to a random window of this length (memory); evaluation does not."""
+    freeze_feature_encoder: bool = True
+    """Keep HuBERT's CNN fixed while fine-tuning (the usual practice; it also halves the backward pass)."""
+
+
 class Stage1Config(_Section):
     """Multi-task stage: HuBERT -> BiLSTM -> mean pooling -> LinearP -> emotion and gender heads."""
 
@@ -224,6 +243,7 @@ class Config(_Section):
     data: DataConfig = DataConfig(root="IEMOCAP_full_release")
     backbone: BackboneConfig = BackboneConfig()
     extract: ExtractConfig = ExtractConfig()
+    train: TrainConfig = TrainConfig()
     stage1: Stage1Config = Stage1Config()
     gmp: GMPConfig = GMPConfig()
     stage2: Stage2Config = Stage2Config()

@@ -1,0 +1,44 @@
+"""Stage 1 on a real local Ray cluster (Ray Train V2, gloo): it learns, keeps the best epoch, saves a
+HuBERT that transformers loads, and a rerun reuses it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import small_config
+from transformers import HubertModel
+
+from gmpatl_ray.artifacts import ArtifactCache
+from gmpatl_ray.cv import split_fold
+from gmpatl_ray.stages.stage1 import run_stage1
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_cluster")]
+
+
+def test_stage1_trains_saves_and_is_reused(small_corpus, tmp_path):
+    folder, manifest = small_corpus
+    config = small_config(
+        folder,
+        f"train.storage_path={tmp_path / 'ray'}",
+        "train.max_failures=0",
+        "train.val_fraction=0.25",
+        "stage1.optim={lr: 3.0e-3, batch_size: 8, epochs: 4}",
+        "stage1.lstm_hidden=16",
+        "stage1.proj_dim=16",
+    )
+    split = split_fold(manifest, 2, config.train.val_fraction, config.experiment.seed)
+    cache = ArtifactCache(tmp_path / "cache")
+    artifact, built = run_stage1(config, split, cache)
+    assert built
+    history = artifact.meta["history"]
+    assert [h["epoch"] for h in history] == [0, 1, 2, 3]
+    assert history[-1]["train_loss"] < history[0]["train_loss"]  # it learns on a tiny set
+    assert artifact.meta["best_val_uar"] == max(h["val_uar"] for h in history)
+    backbone = HubertModel.from_pretrained(artifact.path / "backbone")
+    assert backbone.config.hidden_size == 32
+    assert any(
+        k.startswith("encoder.lstm") for k in torch.load(artifact.path / "heads.pt", weights_only=True)
+    )
+
+    again, built = run_stage1(config, split, cache)
+    assert not built and again.path == artifact.path
