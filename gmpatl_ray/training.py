@@ -1,13 +1,17 @@
-"""What every stage shares on Ray Train: the audio dataset and its padded batches, the trainer built from
-``config.train``, checkpoints that load without unpickling code, and the evaluation loop.
+"""What every stage shares on Ray Train: the audio dataset and its padded batches, the one training loop,
+checkpoints that load without unpickling code, and the trainer built from ``config.train``.
 
-A stage is a train function (run on every worker) plus a driver call to :func:`fit`; the run name is the
-stage's fingerprint, so rerunning a stage that was interrupted resumes it from its last checkpoint
-(Ray Train V2: same ``storage_path`` and ``name``).
+A stage is a *recipe* module (``gmpatl_ray.stages.stageN``) with four functions the loop calls:
+``build_model(config, loop)``, ``dataset(config, loop, rows, train)``, ``loss(model, batch, config)`` and
+``evaluate(model, loop, config) -> metrics`` (``metrics["score"]``: higher is better, picks the best
+epoch). The run name is the stage's fingerprint, so rerunning an interrupted stage resumes it from its
+last checkpoint (Ray Train V2: same ``storage_path`` and ``name``).
 """
 
 from __future__ import annotations
 
+import importlib
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .config import TrainConfig
+from .config import Config, TrainConfig
 from .data.audio import load_audio
 
 CHECKPOINT_FILE = "state.pt"
@@ -64,19 +68,116 @@ def load_state(folder: str | Path) -> dict[str, Any]:
     return torch.load(Path(folder) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
 
 
+def prepare_backbone(backbone: torch.nn.Module, config: Config) -> None:
+    """Training settings every stage applies to HuBERT."""
+    backbone.config.layerdrop = 0.0  # LayerDrop leaves parameters unused in a step, which DDP refuses
+    if config.train.freeze_feature_encoder:
+        backbone.feature_extractor._freeze_parameters()
+
+
+def training_crop(config: Config) -> int:
+    return int(config.train.max_duration_s * config.data.sample_rate)
+
+
+def emotion_scores(
+    predict: Callable[[dict], torch.Tensor], rows: list[dict[str, Any]], batch_size: int
+) -> dict:
+    """WAR, UAR and the predictions of ``predict(batch) -> emotion logits`` over all ``rows`` (one worker,
+    whole utterances)."""
+    from torch.utils.data import DataLoader
+
+    from .metrics import uar, war
+
+    truth, predicted = [], []
+    loader = DataLoader(AudioDataset(rows, None, 0), batch_size=batch_size, collate_fn=collate)
+    with torch.no_grad():
+        for batch in loader:
+            truth += batch["emotion"].tolist()
+            predicted += predict(batch).argmax(-1).tolist()
+    return {
+        "war": war(truth, predicted),
+        "uar": uar(truth, predicted),
+        "truth": truth,
+        "predicted": predicted,
+    }
+
+
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The module inside DDP's wrapper (what checkpoints hold)."""
     return model.module if hasattr(model, "module") else model
 
 
-def fit(train_fn: Callable[[dict], Any], loop_config: dict[str, Any], train: TrainConfig, name: str):
-    """Run ``train_fn`` on ``train.num_workers`` workers under the run name ``name``; returns the Result."""
+def train_fn(loop: dict[str, Any]) -> None:
+    """One Ray Train worker: resume from the last checkpoint if any, train, validate (rank 0), report."""
+    import ray.train
+    import ray.train.torch
+    from torch.utils.data import DataLoader
+
+    recipe = importlib.import_module(loop["recipe"])
+    config = Config.model_validate(loop["config"])
+    optim = getattr(config, loop["section"]).optim
+    torch.set_num_threads(config.train.cpus_per_worker)
+    model = recipe.build_model(config, loop)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=optim.lr)
+    start, best, history = 0, {"score": float("-inf"), "epoch": -1, "model": {}}, []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as folder:
+            state = load_state(folder)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start, best, history = state["epoch"] + 1, state["best"], state["history"]
+    model = ray.train.torch.prepare_model(model)
+    dataset = recipe.dataset(config, loop, loop["train"], train=True)
+    loader = ray.train.torch.prepare_data_loader(
+        DataLoader(
+            dataset,
+            batch_size=optim.batch_size,
+            shuffle=True,
+            collate_fn=collate,
+            generator=torch.Generator().manual_seed(config.experiment.seed),
+        )
+    )
+    rank = ray.train.get_context().get_world_rank()
+    for epoch in range(start, optim.epochs):
+        dataset.epoch = epoch
+        if hasattr(loader.sampler, "set_epoch"):
+            loader.sampler.set_epoch(epoch)
+        model.train()
+        total, count = 0.0, 0
+        for batch in loader:
+            loss = recipe.loss(model, batch, config)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            total, count = total + loss.item() * len(batch["lengths"]), count + len(batch["lengths"])
+        metrics = {"epoch": epoch, "train_loss": total / count}
+        with tempfile.TemporaryDirectory() as folder:
+            if rank == 0:
+                metrics |= {f"val_{k}": v for k, v in recipe.evaluate(unwrap(model), loop, config).items()}
+                history.append(metrics)
+                if metrics["val_score"] > best["score"]:
+                    best = {
+                        "score": metrics["val_score"],
+                        "epoch": epoch,
+                        "model": unwrap(model).state_dict(),
+                    }
+                state = {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict()}
+                save_state(Path(folder), state | {"epoch": epoch, "best": best, "history": history})
+            ray.train.report(
+                metrics, checkpoint=ray.train.Checkpoint.from_directory(folder) if rank == 0 else None
+            )
+
+
+def fit(recipe: str, section: str, loop: dict[str, Any], train: TrainConfig, name: str) -> dict[str, Any]:
+    """Run ``recipe`` on ``train.num_workers`` workers under the run name ``name``; returns the final
+    checkpoint's state (best model, history)."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     trainer = TorchTrainer(
         train_fn,
-        train_loop_config=loop_config,
+        train_loop_config={**loop, "recipe": recipe, "section": section},
         scaling_config=ScalingConfig(
             num_workers=train.num_workers,
             use_gpu=train.use_gpu,
@@ -88,4 +189,6 @@ def fit(train_fn: Callable[[dict], Any], loop_config: dict[str, Any], train: Tra
             failure_config=FailureConfig(max_failures=train.max_failures),
         ),
     )
-    return trainer.fit()
+    result = trainer.fit()
+    with result.checkpoint.as_directory() as folder:
+        return load_state(folder)
