@@ -39,6 +39,15 @@ def scale_column(k: int) -> str:
 class GMPStore:
     artifact: Artifact
 
+    @classmethod
+    def open(cls, path: str | Path) -> GMPStore:
+        """A complete store by its folder (e.g. on a training worker)."""
+        path = Path(path)
+        artifact = ArtifactCache(path.parent.parent).load(path.parent.name, path.name, verify=False)
+        if artifact is None:
+            raise FileNotFoundError(f"{path}: not a complete GMP store")
+        return cls(artifact)
+
     @property
     def path(self) -> Path:
         return self.artifact.path

@@ -47,7 +47,8 @@ class AudioDataset(Dataset):
 
 
 def collate(items: list[tuple[np.ndarray, dict[str, Any]]]) -> dict[str, Any]:
-    """Zero-padded waveforms, their lengths, and each row field as a list (or tensor when numeric)."""
+    """Zero-padded waveforms, their lengths, and each row field: ints as a tensor, int arrays (frame labels)
+    as a tensor padded with -100 (cross-entropy's ignore index), anything else as a list."""
     lengths = torch.tensor([len(w) for w, _ in items])
     waves = torch.zeros(len(items), int(lengths.max()))
     for i, (wave, _) in enumerate(items):
@@ -55,7 +56,13 @@ def collate(items: list[tuple[np.ndarray, dict[str, Any]]]) -> dict[str, Any]:
     batch: dict[str, Any] = {"waves": waves, "lengths": lengths}
     for key in items[0][1]:
         values = [row[key] for _, row in items]
-        batch[key] = torch.tensor(values) if isinstance(values[0], int) else values
+        if isinstance(values[0], np.ndarray):
+            padded = torch.full((len(values), max(len(v) for v in values)), -100, dtype=torch.long)
+            for i, v in enumerate(values):
+                padded[i, : len(v)] = torch.from_numpy(v.astype(np.int64))
+            batch[key] = padded
+        else:
+            batch[key] = torch.tensor(values) if isinstance(values[0], int) else values
     return batch
 
 

@@ -108,3 +108,25 @@ def test_war_uar_and_confusion_by_hand():
     assert uar(truth, predicted) == pytest.approx((3 / 4 + 1 + 0) / 3)
     matrix = confusion(truth, predicted, ["ang", "hap", "neu", "sad"])
     assert matrix.tolist() == [[3, 0, 0, 1], [0, 0, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1]]
+
+
+def test_stage3_loss_is_the_am_softmax_loss():
+    from gmpatl_ray.config import load_config
+    from gmpatl_ray.stages.stage3 import Stage3Model, loss
+
+    config = load_config(None, ["stage1.lstm_hidden=8", "stage1.proj_dim=8"])
+    backbone = random_hubert(
+        HubertSize(
+            hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, conv_dim=32
+        )
+    ).eval()
+    model = Stage3Model(backbone, config).eval()
+    batch = {
+        "waves": torch.randn(3, 8000),
+        "lengths": torch.tensor([8000, 6000, 4000]),
+        "emotion": torch.tensor([0, 2, 3]),
+    }
+    with torch.no_grad():
+        embedding = model.embed(batch["waves"], batch["lengths"])
+        expected = model.classifier(embedding, batch["emotion"])  # AMSoftmax module's own loss
+        assert loss(model, batch, config).item() == pytest.approx(expected.item(), rel=1e-5)

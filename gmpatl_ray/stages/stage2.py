@@ -1,0 +1,168 @@
+"""Stage 2: retrain the stage-1 HuBERT to predict its own multi-scale GMPs under HuBERT-style masking.
+
+Spans of CNN frames are replaced by the learned mask embedding; one LinearP head per scale predicts that
+scale's GMP label for every frame of the last layer; the loss is cross-entropy over masked frames
+(``stage2.masked_weight``) plus unmasked frames (``stage2.unmasked_weight``, 0 by default), summed over
+scales. Training crops start on a frame boundary, so labels stay aligned with the cropped audio's frames.
+The epoch with the lowest validation loss is kept.
+
+Readable top to bottom: the model, the dataset, the recipe the shared training loop calls, the driver.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoConfig
+
+from ..artifacts import Artifact, ArtifactCache, fingerprint
+from ..config import BackboneConfig, Config
+from ..cv import FoldSplit
+from ..data.audio import load_audio
+from ..features import backbone_identity
+from ..gmp import GMPStore
+from ..models.backbone import frame_counts, hubert_layers, load_backbone
+from ..models.heads import FrameHeads
+from ..models.masking import span_mask
+from ..training import fit, prepare_backbone, training_crop
+
+KIND = "stage2"
+
+
+class Stage2Model(nn.Module):
+    def __init__(self, backbone: nn.Module, proj_dim: int, scales: list[int]):
+        super().__init__()
+        self.backbone = backbone
+        self.heads = FrameHeads(backbone.config.hidden_size, proj_dim, scales)
+
+    def forward(
+        self, waves: torch.Tensor, lengths: torch.Tensor, mask: torch.Tensor
+    ) -> dict[int, torch.Tensor]:
+        outputs, _ = hubert_layers(self.backbone, waves, lengths, [-1], mask=mask)
+        return self.heads(outputs[-1])
+
+
+class LabelledAudio(torch.utils.data.Dataset):
+    """(waveform, {"k64": labels, ...}); a training crop starts on a frame so its labels are a slice."""
+
+    def __init__(
+        self, rows: list[dict[str, Any]], gmp_dir: str, backbone_dir: str, max_samples: int | None, seed: int
+    ):
+        store = GMPStore.open(gmp_dir)
+        wanted = {r["utt_id"] for r in rows}
+        self.labels = {u: labels for u, labels in store.iter_labels() if u in wanted}
+        missing = wanted - set(self.labels)
+        if missing:
+            raise KeyError(
+                f"{len(missing)} utterances have no GMP labels in {gmp_dir}, e.g. {sorted(missing)[:3]}"
+            )
+        conv = AutoConfig.from_pretrained(backbone_dir)
+        self.stride = int(np.prod(conv.conv_stride))
+        self.receptive_field = 1
+        for kernel, stride in zip(reversed(conv.conv_kernel), reversed(conv.conv_stride), strict=True):
+            self.receptive_field = (self.receptive_field - 1) * stride + kernel
+        self.rows, self.max_samples, self.seed, self.epoch = rows, max_samples, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def frames(self, samples: int) -> int:
+        return max(0, (samples - self.receptive_field) // self.stride + 1)
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        row = self.rows[i]
+        wave, labels = load_audio(row["path"]), self.labels[row["utt_id"]]
+        if any(len(v) != self.frames(len(wave)) for v in labels.values()):
+            raise ValueError(f"{row['path']}: GMP labels do not match its {self.frames(len(wave))} frames")
+        start = 0
+        if self.max_samples and len(wave) > self.max_samples:
+            steps = (len(wave) - self.max_samples) // self.stride + 1
+            start = int(np.random.default_rng([self.seed, self.epoch, i]).integers(steps)) * self.stride
+            wave = wave[start : start + self.max_samples]
+        first, n = start // self.stride, self.frames(len(wave))
+        return wave, {f"k{k}": v[first : first + n] for k, v in labels.items()}
+
+
+def build_model(config: Config, loop: dict[str, Any]) -> Stage2Model:
+    backbone = load_backbone(BackboneConfig(pretrained=loop["backbone_dir"]))
+    prepare_backbone(backbone, config)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.experiment.seed)
+        return Stage2Model(backbone, config.stage2.proj_dim, config.gmp.scales)
+
+
+def dataset(config: Config, loop: dict[str, Any], data: list[dict[str, Any]], train: bool) -> LabelledAudio:
+    crop = training_crop(config) if train else None
+    return LabelledAudio(data, loop["gmp_dir"], loop["backbone_dir"], crop, config.experiment.seed)
+
+
+def loss(model: nn.Module, batch: dict[str, Any], config: Config, seed: int | None = None) -> torch.Tensor:
+    inner = model.module if hasattr(model, "module") else model
+    frames = frame_counts(inner.backbone, batch["lengths"])
+    s2 = config.stage2
+    seed = int(torch.randint(2**31 - 1, (1,))) if seed is None else seed
+    mask = span_mask(frames, int(frames.max()), s2.mask_prob, s2.mask_length, seed)
+    logits = model(batch["waves"], batch["lengths"], mask)
+    total = torch.zeros(())
+    for k, scale_logits in logits.items():
+        labels = batch[f"k{k}"]
+        for weight, where in ((s2.masked_weight, mask), (s2.unmasked_weight, ~mask)):
+            where = where & (labels != -100)
+            if weight > 0 and where.any():
+                total = total + weight * F.cross_entropy(scale_logits[where], labels[where])
+    return total
+
+
+def evaluate(model: nn.Module, loop: dict[str, Any], config: Config) -> dict[str, float]:
+    """Validation loss with fixed masks; lower is better, so the score is its negative."""
+    from torch.utils.data import DataLoader
+
+    from ..training import collate
+
+    model.eval()
+    data = dataset(config, loop, loop["val"], train=False)
+    loader = DataLoader(data, batch_size=config.stage2.optim.batch_size, collate_fn=collate)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i, batch in enumerate(loader):
+            total += loss(model, batch, config, seed=i).item() * len(batch["lengths"])
+            count += len(batch["lengths"])
+    return {"score": -total / count, "loss": total / count}
+
+
+def run_stage2(
+    config: Config, split: FoldSplit, stage1_dir: Path, gmps: GMPStore, cache: ArtifactCache
+) -> tuple[Artifact, bool]:
+    """Retrain the stage-1 HuBERT in ``stage1_dir`` on the fold's GMPs; the artifact holds the new HuBERT."""
+    inputs = {
+        "backbone": backbone_identity(BackboneConfig(pretrained=str(stage1_dir)), 0),
+        "gmps": gmps.path.name,
+        "stage2": config.stage2.model_dump(),
+        "train": config.train.model_dump(
+            exclude={"num_workers", "cpus_per_worker", "max_failures", "storage_path"}
+        ),
+        "data": {"train": sorted(split.train["utt_id"]), "val": sorted(split.val["utt_id"])},
+        "seed": config.experiment.seed,
+    }
+    key = fingerprint(inputs)
+
+    def build(folder: Path) -> dict[str, Any]:
+        loop = {
+            "config": config.model_dump(mode="json"),
+            "backbone_dir": str(stage1_dir),
+            "gmp_dir": str(gmps.path),
+            "train": [{"path": r.path, "utt_id": r.utt_id} for r in split.train.itertuples()],
+            "val": [{"path": r.path, "utt_id": r.utt_id} for r in split.val.itertuples()],
+        }
+        state = fit(__name__, "stage2", loop, config.train, name=f"{KIND}-{key}")
+        model = build_model(config, loop)
+        model.load_state_dict(state["best"]["model"])
+        model.backbone.save_pretrained(folder / "backbone")
+        return {"inputs": inputs, "best_epoch": state["best"]["epoch"], "history": state["history"]}
+
+    return cache.get_or_build(KIND, key, build)
