@@ -55,7 +55,7 @@ class ArtifactCache:
     """Fingerprinted artifacts under ``root/<kind>/<fingerprint>/``."""
 
     def __init__(self, root: str | Path):
-        self.root = Path(root)
+        self.root = Path(root).resolve()  # absolute: Ray workers do not run in the driver's directory
 
     def folder(self, kind: str, key: str) -> Path:
         return self.root / kind / key

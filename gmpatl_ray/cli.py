@@ -88,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _config_args(report)
 
+    cv = commands.add_parser("cv", help="GMP-ATL leave-one-fold-out: all stages per fold, WAR/UAR, MLflow")
+    _config_args(cv)
+    cv.add_argument("--folds", help="comma-separated folds to run (default: all), e.g. 1,3")
+
     show = commands.add_parser("config", help="print the fully resolved config (defaults filled in)")
     _config_args(show)
     return parser
@@ -201,6 +205,35 @@ def cmd_gmp_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cv(args: argparse.Namespace) -> int:
+    from .artifacts import ArtifactCache
+    from .data.manifest import folds
+    from .data.prepare import load_or_prepare
+    from .pipeline import run_cv
+    from .runtime import init_ray
+    from .tracking import Tracker
+
+    config = _load(args)
+    manifest = load_or_prepare(config.data)
+    available = folds(manifest)
+    chosen = available
+    if args.folds:
+        by_name = {str(f): f for f in available}
+        unknown = [f for f in args.folds.split(",") if f not in by_name]
+        if unknown:
+            raise InputError(f"--folds {args.folds}: no fold {unknown}; the manifest's folds are {available}")
+        chosen = [by_name[f] for f in args.folds.split(",")]
+    init_ray()
+    tracker = Tracker(config.tracking.experiment, config.tracking.uri, config.experiment.output_dir)
+    table = run_cv(config, manifest, chosen, ArtifactCache(config.experiment.cache_dir), tracker)
+    print(table.to_markdown(index=False, floatfmt=".4f"))
+    print(
+        f"mean WAR {table['war'].mean():.1%} (std {table['war'].std(ddof=0):.1%})  "
+        f"mean UAR {table['uar'].mean():.1%} (std {table['uar'].std(ddof=0):.1%})  MLflow: {tracker.uri}"
+    )
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     print(dump_config(_load(args)), end="")
     return 0
@@ -211,6 +244,7 @@ COMMANDS = {
     "extract": cmd_extract,
     "cluster": cmd_cluster,
     "gmp-report": cmd_gmp_report,
+    "cv": cmd_cv,
     "config": cmd_config,
 }
 

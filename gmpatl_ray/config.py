@@ -236,6 +236,13 @@ class Stage3Config(_Section):
     optim: OptimConfig = OptimConfig()
 
 
+class TrackingConfig(_Section):
+    """MLflow: ``uri`` None means ``MLFLOW_TRACKING_URI`` if set, else a local SQLite store in output_dir."""
+
+    experiment: str = "gmpatl"
+    uri: str | None = None
+
+
 class Config(_Section):
     """One experiment."""
 
@@ -248,6 +255,7 @@ class Config(_Section):
     gmp: GMPConfig = GMPConfig()
     stage2: Stage2Config = Stage2Config()
     stage3: Stage3Config = Stage3Config()
+    tracking: TrackingConfig = TrackingConfig()
 
 
 def _format_errors(source: str, err: ValidationError) -> str:

@@ -8,6 +8,7 @@ The k-means and stage 2 see the training folds only (train + validation utteranc
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -67,3 +68,65 @@ def run_fold(config: Config, manifest: pd.DataFrame, fold: Any, cache: ArtifactC
             "stage3": built3,
         },
     )
+
+
+def run_cv(
+    config: Config, manifest: pd.DataFrame, folds: list, cache: ArtifactCache, tracker
+) -> pd.DataFrame:
+    """Every fold, tracked in MLflow (a parent run, a child per fold); returns the per-fold table."""
+    import numpy as np
+
+    from .artifacts import fingerprint
+    from .plots import confusion_plot
+    from .tracking import flatten
+
+    emotions = config.data.emotions
+    reports = Path(config.experiment.output_dir) / "reports"
+    resolved = config.model_dump(mode="json")
+    parent = tracker.start(f"cv-{config.experiment.name}", tags={"gmpatl.kind": "cv"})
+    tracker.params(parent, flatten(resolved) | {"config_fingerprint": fingerprint(resolved)})
+    rows, total = [], np.zeros((len(emotions), len(emotions)), dtype=int)
+    for fold in folds:
+        child = tracker.start(
+            f"fold-{fold}", parent=parent, tags={"gmpatl.kind": "fold", "gmpatl.fold": str(fold)}
+        )
+        result = run_fold(config, manifest, fold, cache)
+        tracker.metrics(child, {"test_war": result.war, "test_uar": result.uar})
+        plot = confusion_plot(
+            result.confusion,
+            emotions,
+            f"fold {fold}: UAR {result.uar:.1%}",
+            reports / f"confusion_fold{fold}.png",
+        )
+        tracker.artifact(child, plot)
+        tracker.end(child)
+        total += np.asarray(result.confusion)
+        rows.append(
+            {
+                "fold": fold,
+                "war": result.war,
+                "uar": result.uar,
+                "test_utterances": result.test_utterances,
+                "reused": ",".join(k for k, built in result.built.items() if not built),
+            }
+        )
+        print(f"fold {fold}: WAR {result.war:.1%}  UAR {result.uar:.1%}", flush=True)
+    table = pd.DataFrame(rows)
+    summary = {
+        "mean_war": table["war"].mean(),
+        "mean_uar": table["uar"].mean(),
+        "std_war": table["war"].std(ddof=0),
+        "std_uar": table["uar"].std(ddof=0),
+    }
+    tracker.metrics(parent, summary)
+    reports.mkdir(parents=True, exist_ok=True)
+    table.to_csv(reports / "cv_results.csv", index=False, float_format="%.4f")
+    tracker.artifact(parent, reports / "cv_results.csv")
+    tracker.artifact(
+        parent,
+        confusion_plot(
+            total, emotions, f"all folds: UAR {summary['mean_uar']:.1%}", reports / "confusion_all.png"
+        ),
+    )
+    tracker.end(parent)
+    return table

@@ -14,4 +14,4 @@ def init_ray() -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init()
     else:
-        ray.init(include_dashboard=False)
+        ray.init(dashboard_host="127.0.0.1")  # Ray Train's state checks need the dashboard; loopback only

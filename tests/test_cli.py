@@ -98,3 +98,42 @@ def test_impossible_scale_exits_2_naming_the_field(tmp_path):
     result = run(str(GMPATL), "cluster", "--config", str(config_file))
     assert result.returncode == 2, result.stderr[-3000:]
     assert "gmp.scales: k=1000000 is larger than the" in result.stderr
+
+
+@pytest.mark.slow
+def test_cv_runs_the_folds_and_tracks_them_in_mlflow(tmp_path):
+    from mlflow import MlflowClient
+    from test_pipeline import TINY_TRAINING
+
+    config_file = tmp_path / "small.yaml"
+    overrides = [f"train.storage_path={tmp_path / 'ray'}", "tracking.experiment=cv-test", *TINY_TRAINING]
+    config_file.write_text(dump_config(small_config(tmp_path, *overrides)))
+    result = run(str(GMPATL), "cv", "--config", str(config_file), "--folds", "2,1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "fold 2: WAR" in result.stdout and "fold 1: WAR" in result.stdout and "mean UAR" in result.stdout
+    table = pd.read_csv(tmp_path / "out" / "reports" / "cv_results.csv")
+    assert table["fold"].tolist() == [2, 1] and table["uar"].between(0, 1).all()
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("cv-test")
+    runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
+    parent = runs["cv-gmpatl-demo"]
+    assert {
+        runs["fold-1"].data.tags["mlflow.parentRunId"],
+        runs["fold-2"].data.tags["mlflow.parentRunId"],
+    } == {parent.info.run_id}
+    assert parent.data.metrics["mean_uar"] == pytest.approx(table["uar"].mean())
+    assert parent.data.params["stage3.margin"] == "0.2" and "config_fingerprint" in parent.data.params
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} == {
+        "cv_results.csv",
+        "confusion_all.png",
+    }
+    assert [a.path for a in client.list_artifacts(runs["fold-1"].info.run_id)] == ["confusion_fold1.png"]
+
+
+def test_unknown_fold_exits_2(tmp_path):
+    config_file = tmp_path / "small.yaml"
+    config_file.write_text(dump_config(small_config(tmp_path)))
+    result = run(str(GMPATL), "cv", "--config", str(config_file), "--folds", "1,7")
+    assert result.returncode == 2
+    assert "--folds 1,7: no fold ['7']; the manifest's folds are [1, 2]" in result.stderr

@@ -1,0 +1,49 @@
+"""MLflow tracking: the run tree lands in a real store, secrets are not logged, and an unreachable
+server neither stops the caller nor loses what it was asked to log."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from mlflow import MlflowClient
+
+from gmpatl_ray.tracking import Tracker, flatten
+
+
+def test_flatten():
+    assert flatten({"a": {"b": 1, "c": {"d": [1, 2]}}, "e": None}) == {"a.b": 1, "a.c.d": [1, 2], "e": None}
+
+
+def test_parent_and_child_runs_in_a_real_store(tmp_path):
+    tracker = Tracker("exp", None, tmp_path)
+    parent = tracker.start("cv")
+    tracker.params(parent, {"stage1.alpha_e": 0.9, "hf_token": "hunter2", "db.password": "x"})
+    child = tracker.start("fold-1", parent=parent)
+    tracker.metrics(child, {"test_uar": 0.5})
+    (tmp_path / "table.csv").write_text("fold,uar\n1,0.5\n")
+    tracker.artifact(parent, tmp_path / "table.csv")
+    tracker.end(child)
+    tracker.end(parent)
+
+    client = MlflowClient(tracking_uri=tracker.uri)
+    runs = client.search_runs([tracker.experiment_id])
+    by_name = {r.info.run_name: r for r in runs}
+    assert by_name["fold-1"].data.tags["mlflow.parentRunId"] == parent
+    assert by_name["fold-1"].data.metrics == {"test_uar": 0.5}
+    assert by_name["cv"].data.params == {"stage1.alpha_e": "0.9"}  # no secrets
+    assert [a.path for a in client.list_artifacts(parent)] == ["table.csv"]
+    assert not (tmp_path / "tracking-offline.jsonl").exists()
+
+
+def test_an_unreachable_server_warns_and_keeps_the_data(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    with pytest.warns(UserWarning, match="MLflow at http://127.0.0.1:9 failed"):
+        tracker = Tracker("exp", "http://127.0.0.1:9", tmp_path)
+    run = tracker.start("cv")
+    tracker.metrics(run, {"test_uar": 0.75}, step=3)
+    tracker.end(run)
+    lines = [json.loads(line) for line in (tmp_path / "tracking-offline.jsonl").read_text().splitlines()]
+    assert [line["call"] for line in lines] == ["connect", "start", "metrics", "end"]
+    assert lines[2]["metrics"] == {"test_uar": 0.75} and lines[2]["step"] == 3
