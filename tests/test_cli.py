@@ -137,3 +137,9 @@ def test_unknown_fold_exits_2(tmp_path):
     result = run(str(GMPATL), "cv", "--config", str(config_file), "--folds", "1,7")
     assert result.returncode == 2
     assert "--folds 1,7: no fold ['7']; the manifest's folds are [1, 2]" in result.stderr
+
+
+@pytest.mark.parametrize("job", ["prepare", "extract", "cluster", "cv"])
+def test_every_job_entrypoint_wraps_its_command(job):
+    result = run(sys.executable, str(REPO / "jobs" / f"{job}.py"), "--help")
+    assert result.returncode == 0 and result.stdout.startswith(f"usage: gmpatl {job}")
