@@ -109,6 +109,29 @@ def emotion_scores(
     }
 
 
+def stage_inputs(config: Config, split) -> dict[str, Any]:
+    """What every stage's result depends on besides its own section and backbone: the training settings
+    that change the model (not the worker count or storage), the fold's utterances, the seed."""
+    return {
+        "train": config.train.model_dump(
+            exclude={"num_workers", "cpus_per_worker", "max_failures", "storage_path"}
+        ),
+        "data": {
+            "emotions": config.data.emotions,
+            "train": sorted(split.train["utt_id"]),
+            "val": sorted(split.val["utt_id"]),
+        },
+        "seed": config.experiment.seed,
+    }
+
+
+def save_model(model: torch.nn.Module, folder: Path) -> None:
+    """The HuBERT as ``save_pretrained`` writes it (transformers loads it) and the heads' weights."""
+    model.backbone.save_pretrained(folder / "backbone")
+    heads = {k: v for k, v in model.state_dict().items() if not k.startswith("backbone.")}
+    torch.save(heads, folder / "heads.pt")
+
+
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The module inside DDP's wrapper (what checkpoints hold)."""
     return model.module if hasattr(model, "module") else model

@@ -24,7 +24,15 @@ from ..cv import FoldSplit
 from ..features import backbone_identity
 from ..models.backbone import hubert_layers, load_backbone
 from ..models.heads import UtteranceEncoder
-from ..training import AudioDataset, emotion_scores, fit, prepare_backbone, training_crop
+from ..training import (
+    AudioDataset,
+    emotion_scores,
+    fit,
+    prepare_backbone,
+    save_model,
+    stage_inputs,
+    training_crop,
+)
 
 KIND = "stage1"
 
@@ -87,15 +95,7 @@ def run_stage1(config: Config, split: FoldSplit, cache: ArtifactCache) -> tuple[
     inputs = {
         "backbone": backbone_identity(config.backbone, config.experiment.seed),
         "stage1": config.stage1.model_dump(),
-        "train": config.train.model_dump(
-            exclude={"num_workers", "cpus_per_worker", "max_failures", "storage_path"}
-        ),
-        "data": {
-            "emotions": emotions,
-            "train": sorted(split.train["utt_id"]),
-            "val": sorted(split.val["utt_id"]),
-        },
-        "seed": config.experiment.seed,
+        **stage_inputs(config, split),
     }
     key = fingerprint(inputs)
 
@@ -108,11 +108,7 @@ def run_stage1(config: Config, split: FoldSplit, cache: ArtifactCache) -> tuple[
         state = fit(__name__, "stage1", loop, config.train, name=f"{KIND}-{key}")
         model = build_model(config)
         model.load_state_dict(state["best"]["model"])
-        model.backbone.save_pretrained(folder / "backbone")
-        torch.save(
-            {k: v for k, v in model.state_dict().items() if not k.startswith("backbone.")},
-            folder / "heads.pt",
-        )
+        save_model(model, folder)
         return {
             "inputs": inputs,
             "best_epoch": state["best"]["epoch"],

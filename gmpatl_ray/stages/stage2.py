@@ -29,7 +29,7 @@ from ..gmp import GMPStore
 from ..models.backbone import frame_counts, hubert_layers, load_backbone
 from ..models.heads import FrameHeads
 from ..models.masking import span_mask
-from ..training import fit, prepare_backbone, training_crop
+from ..training import fit, prepare_backbone, save_model, stage_inputs, training_crop
 
 KIND = "stage2"
 
@@ -143,11 +143,7 @@ def run_stage2(
         "backbone": backbone_identity(BackboneConfig(pretrained=str(stage1_dir)), 0),
         "gmps": gmps.path.name,
         "stage2": config.stage2.model_dump(),
-        "train": config.train.model_dump(
-            exclude={"num_workers", "cpus_per_worker", "max_failures", "storage_path"}
-        ),
-        "data": {"train": sorted(split.train["utt_id"]), "val": sorted(split.val["utt_id"])},
-        "seed": config.experiment.seed,
+        **stage_inputs(config, split),
     }
     key = fingerprint(inputs)
 
@@ -162,7 +158,7 @@ def run_stage2(
         state = fit(__name__, "stage2", loop, config.train, name=f"{KIND}-{key}")
         model = build_model(config, loop)
         model.load_state_dict(state["best"]["model"])
-        model.backbone.save_pretrained(folder / "backbone")
+        save_model(model, folder)
         return {"inputs": inputs, "best_epoch": state["best"]["epoch"], "history": state["history"]}
 
     return cache.get_or_build(KIND, key, build)

@@ -24,7 +24,15 @@ from ..metrics import confusion
 from ..models.backbone import hubert_layers, load_backbone
 from ..models.heads import UtteranceEncoder
 from ..models.losses import AMSoftmax
-from ..training import AudioDataset, emotion_scores, fit, prepare_backbone, training_crop
+from ..training import (
+    AudioDataset,
+    emotion_scores,
+    fit,
+    prepare_backbone,
+    save_model,
+    stage_inputs,
+    training_crop,
+)
 from .stage1 import emotion_rows
 
 KIND = "stage3"
@@ -95,16 +103,8 @@ def run_stage3(
         "backbone": backbone_identity(BackboneConfig(pretrained=str(backbone_dir)), 0),
         "stage1_head": config.stage1.model_dump(exclude={"optim", "alpha_e"}),
         "stage3": config.stage3.model_dump(),
-        "train": config.train.model_dump(
-            exclude={"num_workers", "cpus_per_worker", "max_failures", "storage_path"}
-        ),
-        "data": {
-            "emotions": emotions,
-            "train": sorted(split.train["utt_id"]),
-            "val": sorted(split.val["utt_id"]),
-            "test": sorted(split.test["utt_id"]),
-        },
-        "seed": config.experiment.seed,
+        **stage_inputs(config, split),
+        "test": sorted(split.test["utt_id"]),
     }
     key = fingerprint(inputs)
 
@@ -126,11 +126,7 @@ def run_stage3(
         )
         truth = [emotions[i] for i in test["truth"]]
         predicted = [emotions[i] for i in test["predicted"]]
-        model.backbone.save_pretrained(folder / "backbone")
-        torch.save(
-            {k: v for k, v in model.state_dict().items() if not k.startswith("backbone.")},
-            folder / "heads.pt",
-        )
+        save_model(model, folder)
         return {
             "inputs": inputs,
             "best_epoch": state["best"]["epoch"],
