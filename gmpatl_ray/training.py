@@ -46,6 +46,21 @@ class AudioDataset(Dataset):
         return wave, self.rows[i]
 
 
+def emotion_rows(split, emotions: list[str]) -> list[dict[str, Any]]:
+    """Manifest rows as the emotion stages (1 and 3) train on them: path, emotion index, gender index."""
+    return [
+        {"path": r.path, "emotion": emotions.index(r.emotion), "gender": "FM".index(r.gender)}
+        for r in split.itertuples()
+    ]
+
+
+def emotion_dataset(
+    config: Config, loop: dict[str, Any], data: list[dict[str, Any]], train: bool
+) -> AudioDataset:
+    """The ``dataset`` recipe function of the emotion stages: training crops, whole utterances otherwise."""
+    return AudioDataset(data, training_crop(config) if train else None, config.experiment.seed)
+
+
 def collate(items: list[tuple[np.ndarray, dict[str, Any]]]) -> dict[str, Any]:
     """Zero-padded waveforms, their lengths, and each row field: ints as a tensor, int arrays (frame labels)
     as a tensor padded with -100 (cross-entropy's ignore index), anything else as a list."""

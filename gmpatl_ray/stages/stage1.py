@@ -13,7 +13,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -25,16 +24,17 @@ from ..features import backbone_identity
 from ..models.backbone import hubert_layers, load_backbone
 from ..models.heads import UtteranceEncoder
 from ..training import (
-    AudioDataset,
+    emotion_dataset,
+    emotion_rows,
     emotion_scores,
     fit,
     prepare_backbone,
     save_model,
     stage_inputs,
-    training_crop,
 )
 
 KIND = "stage1"
+dataset = emotion_dataset  # the recipe's dataset: labelled audio, cropped for training
 
 
 class Stage1Model(nn.Module):
@@ -61,10 +61,6 @@ def build_model(config: Config, loop: dict[str, Any] | None = None) -> Stage1Mod
         return Stage1Model(backbone, config.stage1, len(config.data.emotions))
 
 
-def dataset(config: Config, loop: dict[str, Any], data: list[dict[str, Any]], train: bool) -> AudioDataset:
-    return AudioDataset(data, training_crop(config) if train else None, config.experiment.seed)
-
-
 def loss(model: nn.Module, batch: dict[str, Any], config: Config) -> torch.Tensor:
     emotion, gender = model(batch["waves"], batch["lengths"])
     alpha = config.stage1.alpha_e
@@ -80,13 +76,6 @@ def evaluate(model: nn.Module, loop: dict[str, Any], config: Config) -> dict[str
         lambda b: model(b["waves"], b["lengths"])[0], loop["val"], config.stage1.optim.batch_size
     )
     return {"score": scores["uar"], "uar": scores["uar"], "war": scores["war"]}
-
-
-def emotion_rows(split: pd.DataFrame, emotions: list[str]) -> list[dict[str, Any]]:
-    return [
-        {"path": r.path, "emotion": emotions.index(r.emotion), "gender": "FM".index(r.gender)}
-        for r in split.itertuples()
-    ]
 
 
 def run_stage1(config: Config, split: FoldSplit, cache: ArtifactCache) -> tuple[Artifact, bool]:

@@ -25,17 +25,17 @@ from ..models.backbone import hubert_layers, load_backbone
 from ..models.heads import UtteranceEncoder
 from ..models.losses import AMSoftmax
 from ..training import (
-    AudioDataset,
+    emotion_dataset,
+    emotion_rows,
     emotion_scores,
     fit,
     prepare_backbone,
     save_model,
     stage_inputs,
-    training_crop,
 )
-from .stage1 import emotion_rows
 
 KIND = "stage3"
+dataset = emotion_dataset  # the recipe's dataset: labelled audio, cropped for training
 
 
 class Stage3Model(nn.Module):
@@ -70,10 +70,6 @@ def build_model(config: Config, loop: dict[str, Any]) -> Stage3Model:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.experiment.seed)
         return Stage3Model(backbone, config)
-
-
-def dataset(config: Config, loop: dict[str, Any], data: list[dict[str, Any]], train: bool) -> AudioDataset:
-    return AudioDataset(data, training_crop(config) if train else None, config.experiment.seed)
 
 
 def loss(model: nn.Module, batch: dict[str, Any], config: Config) -> torch.Tensor:
