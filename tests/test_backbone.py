@@ -91,3 +91,11 @@ def test_out_of_range_layers_fail_clearly(layer):
         BackboneError, match=rf"layer {layer} is out of range .* 12 transformer layers: use -1 .. -12"
     ):
         hidden_state_index(layer, 12)
+
+
+def test_layers_removed_by_truncation_cannot_be_asked_for():
+    from gmpatl_ray.models.backbone import hubert_layers, truncate_layers
+
+    model = truncate_layers(random_hubert(TINY), -2).eval()  # keeps 2 of 3 layers
+    with pytest.raises(BackboneError, match=r"layers \[-1\] need more than the 2 layers kept"):
+        hubert_layers(model, torch.randn(1, 8000), torch.tensor([8000]), [-1])

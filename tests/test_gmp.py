@@ -4,7 +4,6 @@ reuse and invalidation, bad scales, and the quality report's numbers."""
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 import pytest
 from conftest import small_config
 
@@ -117,4 +116,20 @@ def test_quality_report_rows(features, tmp_path):
     assert (table["purity_emotion"] >= 0.25).all() and (
         table["purity_gender"] >= 0.5
     ).all()  # >= majority share
-    assert isinstance(table, pd.DataFrame)
+
+
+@pytest.mark.skipif(gpu_available(), reason="checks the message shown without a GPU")
+def test_cuml_without_a_gpu_is_refused():
+    from gmpatl_ray.clustering import resolve_backend
+
+    with pytest.raises(InputError, match="gmp.backend=cuml needs a CUDA GPU and cuML"):
+        resolve_backend("cuml")
+    assert resolve_backend("auto") == "faiss"
+
+
+def test_opening_something_that_is_not_a_gmp_store(tmp_path):
+    from gmpatl_ray.gmp import GMPStore
+
+    (tmp_path / "gmp" / "abc").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="not a complete GMP store"):
+        GMPStore.open(tmp_path / "gmp" / "abc")

@@ -164,3 +164,10 @@ def test_a_folder_that_is_not_a_release(tmp_path, capsys):
     )
     assert code == 2
     assert "no Session1..Session5 folders: not an IEMOCAP release root" in capsys.readouterr().err
+
+
+def test_a_wav_shorter_than_one_frame_is_a_problem(small_release):
+    wav = sorted((small_release / "Session1" / "sentences" / "wav").rglob("*_F000.wav"))[0]
+    sf.write(wav, np.zeros(100, dtype=np.int16), 16000)
+    problems = scan_iemocap(small_release, EMOTIONS, {"exc": "hap"}).problems
+    assert [str(p) for p in problems] == [f"{wav}: shorter than one HuBERT frame (25 ms)"]

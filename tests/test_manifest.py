@@ -121,3 +121,31 @@ def test_read_manifest_checks_columns_and_files(corpus):
     (corpus / "audio" / "u3.wav").unlink()
     with pytest.raises(ManifestError, match=f"{corpus / 'audio' / 'u3.wav'}: file not found"):
         read_manifest(out, EMOTIONS)
+
+
+def test_audio_shorter_than_one_hubert_frame(corpus, capsys):
+    sf.write(corpus / "audio" / "tiny.wav", np.zeros(200, dtype=np.int16), 16000)  # 12.5 ms
+    text = (corpus / "mine.csv").read_text() + "u9,audio/tiny.wav,neu,F,C\n"
+    (corpus / "short.csv").write_text(text)
+    assert (
+        main(["prepare", "manifest", "--csv", str(corpus / "short.csv"), "--out", str(corpus / "m.csv")]) == 2
+    )
+    assert "duration_s 0.0125 is shorter than one HuBERT frame (25 ms)" in capsys.readouterr().err
+
+
+def test_strict_is_only_for_iemocap(corpus, capsys):
+    assert (
+        main(
+            [
+                "prepare",
+                "manifest",
+                "--csv",
+                str(corpus / "mine.csv"),
+                "--out",
+                str(corpus / "m.csv"),
+                "--strict",
+            ]
+        )
+        == 2
+    )
+    assert "--strict compares against the full IEMOCAP release" in capsys.readouterr().err
