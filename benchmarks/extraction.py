@@ -43,6 +43,24 @@ def naive_loop(config, manifest) -> float:
     return time.perf_counter() - start
 
 
+def _one_thread_loop(args: tuple) -> None:
+    torch.set_num_threads(1)
+    config, manifest = args
+    naive_loop(config, manifest)
+
+
+def process_ceiling(config, manifest, processes: int) -> float:
+    """Seconds for ``processes`` single-threaded naive loops over disjoint shares, without Ray: what data
+    parallelism alone gives on these cores (the pipeline's ceiling)."""
+    import multiprocessing
+
+    shares = [(config, manifest.iloc[i::processes]) for i in range(processes)]
+    start = time.perf_counter()
+    with multiprocessing.get_context("spawn").Pool(processes) as pool:
+        pool.map(_one_thread_loop, shares)
+    return time.perf_counter() - start
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--utterances", type=int, default=320)
@@ -85,8 +103,13 @@ def main() -> None:
             actors = store.artifact.meta["actors"]
     ray.shutdown()
     naive_s = naive_loop(config, manifest)
+    ceiling_s = process_ceiling(config, manifest, threads)
 
     print(f"naive loop            {naive_s:7.1f} s  {audio_s / naive_s:6.2f} audio s/s  ({threads} threads)")
+    print(
+        f"{threads} processes, no Ray {ceiling_s:7.1f} s  {audio_s / ceiling_s:6.2f} audio s/s  "
+        f"(1 thread each, start-up included)  ratio {naive_s / ceiling_s:.2f}x"
+    )
     for precision, seconds in pipeline_s.items():
         print(
             f"Ray pipeline ({precision})   {seconds:7.1f} s  {audio_s / seconds:6.2f} audio s/s  "

@@ -67,9 +67,9 @@ def fit_kmeans(x: np.ndarray, k: int, iterations: int, seed: int, backend: Backe
 def _fit_faiss(x: np.ndarray, k: int, iterations: int, seed: int) -> np.ndarray:
     """k-means++ seeds (scikit-learn) from a subsample, then faiss Lloyd iterations on all of ``x``.
 
-    faiss alone seeds at random, which merges well-separated clusters often enough to matter. k-means++ on
-    ``max(8k, 2000)`` points fixes that; on 768-dim HuBERT features it matched fairseq's inertia at k=64
-    and 512 (``benchmarks/kmeans.py``), where 2000 points at k=512 were 2.4 % worse.
+    faiss alone seeds at random, which can merge well-separated clusters; k-means++ seeds on
+    ``max(8k, 2000)`` points avoid that (``tests/test_gmp.py``) and match fairseq's inertia at k=64 and 512
+    on 768-dim HuBERT features (``benchmarks/kmeans.py``).
     """
     import faiss
     from sklearn.cluster import kmeans_plusplus
