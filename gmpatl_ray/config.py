@@ -191,6 +191,10 @@ class TrainConfig(_Section):
     """Training crops longer utterances to a random window of this length (memory); evaluation does not."""
     freeze_feature_encoder: bool = True
     """Keep HuBERT's CNN fixed while fine-tuning (the usual practice; it also halves the backward pass)."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """bf16 autocast of the forward pass (GPUs from Ampere on; CPUs run it too, slowly without AMX)."""
+    gradient_checkpointing: bool = False
+    """Recompute HuBERT's transformer layers in the backward pass: less GPU memory, about a third slower."""
 
 
 class Stage1Config(_Section):
@@ -214,6 +218,9 @@ class GMPConfig(_Section):
     """Frames sampled uniformly to fit each k-means (as fairseq samples a percentage); every frame is then
     labelled. This is also the multi-GPU strategy: the sample fits one GPU, labelling streams."""
     iterations: PositiveInt = 20
+    transductive: bool = False
+    """Also cluster, and retrain stage 2 on, the test fold's audio (never its labels): the transductive
+    variant. The default keeps every test utterance out of everything but the final scoring."""
 
 
 class Stage2Config(_Section):
@@ -241,6 +248,8 @@ class TrackingConfig(_Section):
 
     experiment: str = "gmpatl"
     uri: str | None = None
+    log_model: bool = True
+    """Log each fold's final model (HuBERT as ``save_pretrained`` writes it, and the heads) as artifacts."""
 
 
 class Config(_Section):
@@ -257,12 +266,24 @@ class Config(_Section):
     stage3: Stage3Config = Stage3Config()
     tracking: TrackingConfig = TrackingConfig()
 
+    @model_validator(mode="after")
+    def _batches_split_over_workers(self) -> Config:
+        for stage in ("stage1", "stage2", "stage3"):
+            batch = getattr(self, stage).optim.batch_size
+            if batch % self.train.num_workers:
+                raise ValueError(
+                    f"{stage}.optim.batch_size {batch} is the global batch and must be a multiple of "
+                    f"train.num_workers {self.train.num_workers}"
+                )
+        return self
+
 
 def _format_errors(source: str, err: ValidationError) -> str:
     lines = [f"{source}: invalid config ({err.error_count()} problem(s))"]
     for e in err.errors():
         field = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        got = "" if e["type"] == "missing" else f" (got {e['input']!r})"
+        whole_section = e["type"] == "value_error" and isinstance(e["input"], dict)  # a cross-field check
+        got = "" if e["type"] == "missing" or whole_section else f" (got {e['input']!r})"
         lines.append(f"  {field}: {e['msg']}{got}")
     return "\n".join(lines)
 

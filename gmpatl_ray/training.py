@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import importlib
 import tempfile
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -90,32 +91,45 @@ def load_state(folder: str | Path) -> dict[str, Any]:
     return torch.load(Path(folder) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
 
 
-def prepare_backbone(backbone: torch.nn.Module, config: Config) -> None:
-    """Training settings every stage applies to HuBERT."""
-    backbone.config.layerdrop = 0.0  # LayerDrop leaves parameters unused in a step, which DDP refuses
+def prepare_backbone(backbone: torch.nn.Module, config: Config, masking: bool = False) -> None:
+    """Training settings every stage applies to HuBERT. DDP refuses parameters that get no gradient, so
+    LayerDrop is off and the mask embedding trains only in the stage that masks (``masking``)."""
+    backbone.config.layerdrop = 0.0
+    backbone.masked_spec_embed.requires_grad_(masking)
     if config.train.freeze_feature_encoder:
         backbone.feature_extractor._freeze_parameters()
+    if config.train.gradient_checkpointing:  # non-reentrant: the variant that works under DDP
+        backbone.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
 
 def training_crop(config: Config) -> int:
     return int(config.train.max_duration_s * config.data.sample_rate)
 
 
-def emotion_scores(
-    predict: Callable[[dict], torch.Tensor], rows: list[dict[str, Any]], batch_size: int
-) -> dict:
-    """WAR, UAR and the predictions of ``predict(batch) -> emotion logits`` over all ``rows`` (one worker,
-    whole utterances)."""
+def batches(data: Dataset, batch_size: int, device: torch.device) -> Iterator[dict[str, Any]]:
+    """Evaluation batches in order, moved to ``device`` (the model's: validation runs where training does)."""
     from torch.utils.data import DataLoader
 
+    for batch in DataLoader(data, batch_size=batch_size, collate_fn=collate):
+        yield {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def emotion_scores(
+    model: torch.nn.Module,
+    predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    rows: list[dict[str, Any]],
+    batch_size: int,
+) -> dict:
+    """WAR, UAR and the predictions of ``predict(waves, lengths) -> emotion logits`` (a call of ``model``,
+    in eval mode on its device) over all ``rows``: one worker, whole utterances."""
     from .metrics import uar, war
 
+    model.eval()
     truth, predicted = [], []
-    loader = DataLoader(AudioDataset(rows, None, 0), batch_size=batch_size, collate_fn=collate)
     with torch.no_grad():
-        for batch in loader:
+        for batch in batches(AudioDataset(rows, None, 0), batch_size, next(model.parameters()).device):
             truth += batch["emotion"].tolist()
-            predicted += predict(batch).argmax(-1).tolist()
+            predicted += predict(batch["waves"], batch["lengths"]).argmax(-1).tolist()
     return {
         "war": war(truth, predicted),
         "uar": uar(truth, predicted),
@@ -126,10 +140,17 @@ def emotion_scores(
 
 def stage_inputs(config: Config, split) -> dict[str, Any]:
     """What every stage's result depends on besides its own section and backbone: the training settings
-    that change the model (not the worker count or storage), the fold's utterances, the seed."""
+    that change the model (not the worker count, storage or recomputation), the fold's utterances, the
+    seed."""
     return {
         "train": config.train.model_dump(
-            exclude={"num_workers", "cpus_per_worker", "max_failures", "storage_path"}
+            exclude={
+                "num_workers",
+                "cpus_per_worker",
+                "max_failures",
+                "storage_path",
+                "gradient_checkpointing",
+            }
         ),
         "data": {
             "emotions": config.data.emotions,
@@ -174,29 +195,42 @@ def train_fn(loop: dict[str, Any]) -> None:
         start, best, history = state["epoch"] + 1, state["best"], state["history"]
     model = ray.train.torch.prepare_model(model)
     dataset = recipe.dataset(config, loop, loop["train"], train=True)
+    context = ray.train.get_context()
     loader = ray.train.torch.prepare_data_loader(
         DataLoader(
             dataset,
-            batch_size=optim.batch_size,
+            batch_size=optim.batch_size // context.get_world_size(),  # the configured batch is global
             shuffle=True,
             collate_fn=collate,
             generator=torch.Generator().manual_seed(config.experiment.seed),
         )
     )
-    rank = ray.train.get_context().get_world_rank()
+    rank = context.get_world_rank()
+    device = "cuda" if config.train.use_gpu else "cpu"
     for epoch in range(start, optim.epochs):
         dataset.epoch = epoch
         if hasattr(loader.sampler, "set_epoch"):
             loader.sampler.set_epoch(epoch)
         model.train()
-        total, count = 0.0, 0
+        total, count, started = 0.0, 0, time.perf_counter()
         for batch in loader:
-            loss = recipe.loss(model, batch, config)
+            with torch.autocast(device, torch.bfloat16, enabled=config.train.precision == "bf16"):
+                loss = recipe.loss(model, batch, config)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             total, count = total + loss.item() * len(batch["lengths"]), count + len(batch["lengths"])
-        metrics = {"epoch": epoch, "train_loss": total / count}
+        seconds = time.perf_counter() - started
+        if context.get_world_size() > 1:  # the loss over every worker's share of the epoch
+            sums = torch.tensor([total, count], dtype=torch.float64)
+            torch.distributed.all_reduce(sums)
+            total, count = sums.tolist()
+        metrics = {
+            "epoch": epoch,
+            "train_loss": total / count,
+            "train_seconds": seconds,
+            "train_utterances_per_s": len(dataset) / seconds,
+        }
         with tempfile.TemporaryDirectory() as folder:
             if rank == 0:
                 metrics |= {f"val_{k}": v for k, v in recipe.evaluate(unwrap(model), loop, config).items()}

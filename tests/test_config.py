@@ -44,7 +44,8 @@ def test_overrides_are_parsed_as_yaml():
     )
     assert c.stage1.alpha_e == 0.8 and c.gmp.scales == [8, 16] and c.stage3.loss == "ce"
     assert c.stage1.optim.lr == 3e-4
-    assert c.stage1.optim.epochs == 4  # the rest of the file's optim section stays
+    demo = load_config(CONFIGS / "demo.yaml")
+    assert c.stage1.optim.epochs == demo.stage1.optim.epochs  # the rest of the file's optim section stays
 
 
 def test_errors_name_the_file_and_every_field(tmp_path):
@@ -85,6 +86,8 @@ def test_cross_field_rules():
         load_config(None, ["data.on_error=skip"])  # a data section replaces the default one whole
     with pytest.raises(ConfigError, match="hidden_size must be a multiple of num_attention_heads"):
         load_config(CONFIGS / "demo.yaml", ["backbone.random_init.num_attention_heads=3"])
+    with pytest.raises(ConfigError, match=r"batch_size 16 is the global batch .* train.num_workers 3$"):
+        load_config(CONFIGS / "demo.yaml", ["train.num_workers=3"])
 
 
 def test_unreadable_and_non_mapping_files(tmp_path):

@@ -130,3 +130,31 @@ def test_stage3_loss_is_the_am_softmax_loss():
         embedding = model.embed(batch["waves"], batch["lengths"])
         expected = model.classifier(embedding, batch["emotion"])  # AMSoftmax module's own loss
         assert loss(model, batch, config).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tmp_path):
+    from conftest import small_config
+
+    from gmpatl_ray.stages import stage1
+
+    batch = {
+        "waves": torch.randn(3, 16000, generator=torch.Generator().manual_seed(0)),
+        "lengths": torch.tensor([16000, 12000, 9000]),
+        "emotion": torch.tensor([0, 1, 2]),
+        "gender": torch.tensor([0, 1, 0]),
+    }
+    results = []
+    for checkpointing in ("false", "true"):
+        config = small_config(
+            tmp_path, "stage1.lstm_hidden=16", f"train.gradient_checkpointing={checkpointing}"
+        )
+        model = stage1.build_model(config).train()
+        torch.manual_seed(1)  # the same dropout draws; checkpointing replays them in the backward pass
+        loss = stage1.loss(model, batch, config)
+        loss.backward()
+        results.append((loss.item(), {k: p.grad for k, p in model.named_parameters() if p.grad is not None}))
+    (plain_loss, plain), (checkpointed_loss, checkpointed) = results
+    assert model.backbone.is_activation_checkpointing
+    assert checkpointed_loss == plain_loss and plain.keys() == checkpointed.keys()
+    for name, grad in plain.items():
+        torch.testing.assert_close(checkpointed[name], grad, rtol=0, atol=1e-6, msg=name)

@@ -15,17 +15,18 @@ from gmpatl_ray.stages.stage1 import run_stage1
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_cluster")]
 
 
+STAGE1 = [
+    "train.max_failures=0",
+    "train.val_fraction=0.25",
+    "stage1.optim={lr: 3.0e-3, batch_size: 8, epochs: 4}",
+    "stage1.lstm_hidden=16",
+    "stage1.proj_dim=16",
+]
+
+
 def test_stage1_trains_saves_and_is_reused(small_corpus, tmp_path):
     folder, manifest = small_corpus
-    config = small_config(
-        folder,
-        f"train.storage_path={tmp_path / 'ray'}",
-        "train.max_failures=0",
-        "train.val_fraction=0.25",
-        "stage1.optim={lr: 3.0e-3, batch_size: 8, epochs: 4}",
-        "stage1.lstm_hidden=16",
-        "stage1.proj_dim=16",
-    )
+    config = small_config(folder, f"train.storage_path={tmp_path / 'ray'}", *STAGE1)
     split = split_fold(manifest, 2, config.train.val_fraction, config.experiment.seed)
     cache = ArtifactCache(tmp_path / "cache")
     artifact, built = run_stage1(config, split, cache)
@@ -42,3 +43,37 @@ def test_stage1_trains_saves_and_is_reused(small_corpus, tmp_path):
 
     again, built = run_stage1(config, split, cache)
     assert not built and again.path == artifact.path
+
+
+def test_two_ddp_workers_with_bf16_and_checkpointing_report_once_per_epoch(small_corpus, tmp_path):
+    """2 gloo workers share the batches; rank 0 alone validates and writes the checkpoint, so the history
+    and the run folder hold one entry per epoch, and the result has the 1-worker run's shape."""
+    folder, manifest = small_corpus
+    config = small_config(
+        folder,
+        f"train.storage_path={tmp_path / 'ray'}",
+        *STAGE1,
+        "stage1.optim={lr: 3.0e-3, batch_size: 4, epochs: 2}",
+        "train.num_workers=2",
+        "train.cpus_per_worker=1",
+        "train.precision=bf16",
+        "train.gradient_checkpointing=true",
+    )
+    split = split_fold(manifest, 2, config.train.val_fraction, config.experiment.seed)
+    artifact, built = run_stage1(config, split, ArtifactCache(tmp_path / "cache"))
+    assert built
+    history = artifact.meta["history"]
+    assert [h["epoch"] for h in history] == [0, 1]
+    assert set(history[0]) == {
+        "epoch",
+        "train_loss",
+        "train_seconds",
+        "train_utterances_per_s",
+        "val_score",
+        "val_uar",
+        "val_war",
+    }
+    assert all(torch.isfinite(torch.tensor(h["train_loss"])) for h in history)
+    (run,) = (tmp_path / "ray").iterdir()
+    assert len([c for c in run.glob("checkpoint_*") if c.is_dir()]) == 2
+    assert HubertModel.from_pretrained(artifact.path / "backbone").config.hidden_size == 32

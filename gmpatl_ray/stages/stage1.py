@@ -71,10 +71,7 @@ def loss(model: nn.Module, batch: dict[str, Any], config: Config) -> torch.Tenso
 
 def evaluate(model: nn.Module, loop: dict[str, Any], config: Config) -> dict[str, float]:
     """Validation WAR and UAR of the emotion head; UAR picks the best epoch."""
-    model.eval()
-    scores = emotion_scores(
-        lambda b: model(b["waves"], b["lengths"])[0], loop["val"], config.stage1.optim.batch_size
-    )
+    scores = emotion_scores(model, lambda w, n: model(w, n)[0], loop["val"], config.stage1.optim.batch_size)
     return {"score": scores["uar"], "uar": scores["uar"], "war": scores["war"]}
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -29,7 +30,7 @@ from ..gmp import GMPStore
 from ..models.backbone import frame_counts, hubert_layers, load_backbone
 from ..models.heads import FrameHeads
 from ..models.masking import span_mask
-from ..training import fit, prepare_backbone, save_model, stage_inputs, training_crop
+from ..training import batches, fit, prepare_backbone, save_model, stage_inputs, training_crop
 
 KIND = "stage2"
 
@@ -90,7 +91,7 @@ class LabelledAudio(torch.utils.data.Dataset):
 
 def build_model(config: Config, loop: dict[str, Any]) -> Stage2Model:
     backbone = load_backbone(BackboneConfig(pretrained=loop["backbone_dir"]))
-    prepare_backbone(backbone, config)
+    prepare_backbone(backbone, config, masking=True)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.experiment.seed)
         return Stage2Model(backbone, config.stage2.proj_dim, config.gmp.scales)
@@ -106,9 +107,9 @@ def loss(model: nn.Module, batch: dict[str, Any], config: Config, seed: int | No
     frames = frame_counts(inner.backbone, batch["lengths"])
     s2 = config.stage2
     seed = int(torch.randint(2**31 - 1, (1,))) if seed is None else seed
-    mask = span_mask(frames, int(frames.max()), s2.mask_prob, s2.mask_length, seed)
+    mask = span_mask(frames, int(frames.max()), s2.mask_prob, s2.mask_length, seed).to(frames.device)
     logits = model(batch["waves"], batch["lengths"], mask)
-    total = torch.zeros(())
+    total = torch.zeros((), device=frames.device)
     for k, scale_logits in logits.items():
         labels = batch[f"k{k}"]
         for weight, where in ((s2.masked_weight, mask), (s2.unmasked_weight, ~mask)):
@@ -120,13 +121,9 @@ def loss(model: nn.Module, batch: dict[str, Any], config: Config, seed: int | No
 
 def evaluate(model: nn.Module, loop: dict[str, Any], config: Config) -> dict[str, float]:
     """Validation loss with fixed masks; lower is better, so the score is its negative."""
-    from torch.utils.data import DataLoader
-
-    from ..training import collate
-
     model.eval()
     data = dataset(config, loop, loop["val"], train=False)
-    loader = DataLoader(data, batch_size=config.stage2.optim.batch_size, collate_fn=collate)
+    loader = batches(data, config.stage2.optim.batch_size, next(model.parameters()).device)
     total, count = 0.0, 0
     with torch.no_grad():
         for i, batch in enumerate(loader):
@@ -139,11 +136,13 @@ def run_stage2(
     config: Config, split: FoldSplit, stage1_dir: Path, gmps: GMPStore, cache: ArtifactCache
 ) -> tuple[Artifact, bool]:
     """Retrain the stage-1 HuBERT in ``stage1_dir`` on the fold's GMPs; the artifact holds the new HuBERT."""
+    train = pd.concat([split.train, split.test]) if config.gmp.transductive else split.train
     inputs = {
         "backbone": backbone_identity(BackboneConfig(pretrained=str(stage1_dir)), 0),
         "gmps": gmps.path.name,
         "stage2": config.stage2.model_dump(),
         **stage_inputs(config, split),
+        "unlabelled": sorted(split.test["utt_id"]) if config.gmp.transductive else [],
     }
     key = fingerprint(inputs)
 
@@ -152,7 +151,7 @@ def run_stage2(
             "config": config.model_dump(mode="json"),
             "backbone_dir": str(stage1_dir),
             "gmp_dir": str(gmps.path),
-            "train": [{"path": r.path, "utt_id": r.utt_id} for r in split.train.itertuples()],
+            "train": [{"path": r.path, "utt_id": r.utt_id} for r in train.itertuples()],
             "val": [{"path": r.path, "utt_id": r.utt_id} for r in split.val.itertuples()],
         }
         state = fit(__name__, "stage2", loop, config.train, name=f"{KIND}-{key}")

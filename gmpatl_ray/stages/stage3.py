@@ -83,10 +83,7 @@ def loss(model: nn.Module, batch: dict[str, Any], config: Config) -> torch.Tenso
 
 
 def evaluate(model: nn.Module, loop: dict[str, Any], config: Config) -> dict[str, float]:
-    model.eval()
-    scores = emotion_scores(
-        lambda b: model(b["waves"], b["lengths"]), loop["val"], config.stage3.optim.batch_size
-    )
+    scores = emotion_scores(model, model, loop["val"], config.stage3.optim.batch_size)
     return {"score": scores["uar"], "uar": scores["uar"], "war": scores["war"]}
 
 
@@ -114,11 +111,8 @@ def run_stage3(
         state = fit(__name__, "stage3", loop, config.train, name=f"{KIND}-{key}")
         model = build_model(config, loop)
         model.load_state_dict(state["best"]["model"])
-        model.eval()
         test = emotion_scores(
-            lambda b: model(b["waves"], b["lengths"]),
-            emotion_rows(split.test, emotions),
-            config.stage3.optim.batch_size,
+            model, model, emotion_rows(split.test, emotions), config.stage3.optim.batch_size
         )
         truth = [emotions[i] for i in test["truth"]]
         predicted = [emotions[i] for i in test["predicted"]]
