@@ -11,6 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from .atomic import atomic_write_text
 from .config import Config, dump_config, load_config
 from .errors import InputError
 
@@ -83,14 +84,22 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(extract)
     cluster = commands.add_parser("cluster", help="extract, then multi-scale k-means pseudo-labels (GMPs)")
     _config_args(cluster)
-    report = commands.add_parser(
+    gmp_report = commands.add_parser(
         "gmp-report", help="purity and NMI of GMPs vs emotion and gender for each of extract.layers"
     )
-    _config_args(report)
+    _config_args(gmp_report)
 
     cv = commands.add_parser("cv", help="GMP-ATL leave-one-fold-out: all stages per fold, WAR/UAR, MLflow")
     _config_args(cv)
     cv.add_argument("--folds", help="comma-separated folds to run (default: all), e.g. 1,3")
+
+    report = commands.add_parser(
+        "report", help="print the per-fold WAR/UAR table of a past CV run from MLflow"
+    )
+    _config_args(report)
+    report.add_argument("--run", help="the CV run's MLflow id (default: the experiment's latest CV run)")
+    report.add_argument("--experiment", help="MLflow experiment (default: tracking.experiment)")
+    report.add_argument("--csv", metavar="FILE", help="also write the table as CSV")
 
     show = commands.add_parser("config", help="print the fully resolved config (defaults filled in)")
     _config_args(show)
@@ -234,6 +243,22 @@ def cmd_cv(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import cv_report, format_report
+    from .tracking import tracking_uri
+
+    config = _load(args)
+    uri = tracking_uri(config.tracking.uri, config.experiment.output_dir)
+    experiment = args.experiment or config.tracking.experiment
+    run_id, table = cv_report(uri, experiment, args.run)
+    print(f"CV run {run_id} in experiment {experiment!r} at {uri}")
+    print(format_report(table))
+    if args.csv:
+        atomic_write_text(args.csv, table.to_csv(index=False, float_format="%.4f"))
+        print(f"saved {args.csv}")
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     print(dump_config(_load(args)), end="")
     return 0
@@ -245,6 +270,7 @@ COMMANDS = {
     "cluster": cmd_cluster,
     "gmp-report": cmd_gmp_report,
     "cv": cmd_cv,
+    "report": cmd_report,
     "config": cmd_config,
 }
 

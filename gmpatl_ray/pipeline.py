@@ -2,7 +2,8 @@
 
     split -> stage 1 -> stage-1 HuBERT features of the training folds -> GMPs -> stage 2 -> stage 3 -> test
 
-The k-means and stage 2 see the training folds only (train + validation utterances), never the test fold.
+The k-means and stage 2 see the training folds only (train + validation utterances), never the test fold,
+unless ``gmp.transductive`` lets them see its audio (never its labels).
 """
 
 from __future__ import annotations
@@ -11,16 +12,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
-from .artifacts import ArtifactCache
-from .config import Config
+from .artifacts import Artifact, ArtifactCache, fingerprint
+from .atomic import atomic_write_text
+from .config import Config, dump_config
 from .cv import split_fold
 from .features import extract_features
 from .gmp import build_gmps_on_cluster
+from .plots import confusion_plot, training_curves
 from .stages.stage1 import run_stage1
 from .stages.stage2 import run_stage2
 from .stages.stage3 import run_stage3
+from .tracking import Tracker, flatten
+
+STAGES = ("stage1", "stage2", "stage3")
 
 
 @dataclass
@@ -31,14 +38,16 @@ class FoldResult:
     confusion: list[list[int]]
     test_utterances: int
     built: dict[str, bool]
-    """Which stages this call computed (False: reused from the cache)."""
+    """Which steps this call computed (False: reused from the cache)."""
+    artifacts: dict[str, Artifact]
+    """Each step's artifact (folder and metadata: the stages' per-epoch history, the GMPs' inertia)."""
 
 
 def run_fold(config: Config, manifest: pd.DataFrame, fold: Any, cache: ArtifactCache) -> FoldResult:
     split = split_fold(manifest, fold, config.train.val_fraction, config.experiment.seed)
     stage1, built1 = run_stage1(config, split, cache)
 
-    seen = pd.concat([split.train, split.val])  # the training folds: no test audio in k-means or stage 2
+    seen = pd.concat([split.train, split.val, *([split.test] if config.gmp.transductive else [])])
     stage1_features = config.model_copy(
         update={
             "backbone": config.backbone.model_copy(
@@ -67,50 +76,47 @@ def run_fold(config: Config, manifest: pd.DataFrame, fold: Any, cache: ArtifactC
             "stage2": built2,
             "stage3": built3,
         },
+        artifacts={"stage1": stage1, "gmps": gmps.artifact, "stage2": stage2, "stage3": stage3},
     )
 
 
 def run_cv(
-    config: Config, manifest: pd.DataFrame, folds: list, cache: ArtifactCache, tracker
+    config: Config, manifest: pd.DataFrame, folds: list, cache: ArtifactCache, tracker: Tracker
 ) -> pd.DataFrame:
-    """Every fold, tracked in MLflow (a parent run, a child per fold); returns the per-fold table."""
-    import numpy as np
-
-    from .artifacts import fingerprint
-    from .plots import confusion_plot
-    from .tracking import flatten
-
+    """Every fold, tracked in MLflow: a parent run (config, results table, summed confusion), a child run
+    per fold (test metrics, confusion matrix, training curves, final model) and under it a run per stage
+    (its settings and per-epoch metrics). Returns the per-fold table."""
     emotions = config.data.emotions
     reports = Path(config.experiment.output_dir) / "reports"
     resolved = config.model_dump(mode="json")
     parent = tracker.start(f"cv-{config.experiment.name}", tags={"gmpatl.kind": "cv"})
     tracker.params(parent, flatten(resolved) | {"config_fingerprint": fingerprint(resolved)})
+    tracker.artifact(parent, _write(reports / "config.yaml", dump_config(config)))
     rows, total = [], np.zeros((len(emotions), len(emotions)), dtype=int)
-    for fold in folds:
-        child = tracker.start(
-            f"fold-{fold}", parent=parent, tags={"gmpatl.kind": "fold", "gmpatl.fold": str(fold)}
-        )
-        result = run_fold(config, manifest, fold, cache)
-        tracker.metrics(child, {"test_war": result.war, "test_uar": result.uar})
-        plot = confusion_plot(
-            result.confusion,
-            emotions,
-            f"fold {fold}: UAR {result.uar:.1%}",
-            reports / f"confusion_fold{fold}.png",
-        )
-        tracker.artifact(child, plot)
-        tracker.end(child)
-        total += np.asarray(result.confusion)
-        rows.append(
-            {
-                "fold": fold,
-                "war": result.war,
-                "uar": result.uar,
-                "test_utterances": result.test_utterances,
-                "reused": ",".join(k for k, built in result.built.items() if not built),
-            }
-        )
-        print(f"fold {fold}: WAR {result.war:.1%}  UAR {result.uar:.1%}", flush=True)
+    run = parent
+    try:
+        for fold in folds:
+            run = tracker.start(
+                f"fold-{fold}", parent=parent, tags={"gmpatl.kind": "fold", "gmpatl.fold": str(fold)}
+            )
+            result = run_fold(config, manifest, fold, cache)
+            _track_fold(tracker, run, config, result, reports)
+            tracker.end(run)
+            total += np.asarray(result.confusion)
+            rows.append(
+                {
+                    "fold": fold,
+                    "war": result.war,
+                    "uar": result.uar,
+                    "test_utterances": result.test_utterances,
+                    "reused": ",".join(k for k, built in result.built.items() if not built),
+                }
+            )
+            print(f"fold {fold}: WAR {result.war:.1%}  UAR {result.uar:.1%}", flush=True)
+    except BaseException:
+        for failed in {run, parent}:
+            tracker.end(failed, "FAILED")
+        raise
     table = pd.DataFrame(rows)
     summary = {
         "mean_war": table["war"].mean(),
@@ -123,6 +129,9 @@ def run_cv(
     table.to_csv(reports / "cv_results.csv", index=False, float_format="%.4f")
     tracker.artifact(parent, reports / "cv_results.csv")
     tracker.artifact(
+        parent, _write(reports / "cv_results.md", table.to_markdown(index=False, floatfmt=".4f"))
+    )
+    tracker.artifact(
         parent,
         confusion_plot(
             total, emotions, f"all folds: UAR {summary['mean_uar']:.1%}", reports / "confusion_all.png"
@@ -130,3 +139,51 @@ def run_cv(
     )
     tracker.end(parent)
     return table
+
+
+def _track_fold(tracker: Tracker, run: str | None, config: Config, result: FoldResult, reports: Path) -> None:
+    """A fold's run: test metrics and figures, the GMPs' inertia, the final model, and a run per stage."""
+    fold, artifacts = result.fold, result.artifacts
+    tracker.metrics(
+        run,
+        {
+            "test_war": result.war,
+            "test_uar": result.uar,
+            "best_val_uar": artifacts["stage3"].meta["best_val_uar"],
+            **{
+                f"gmp_inertia_per_frame_k{k}": v
+                for k, v in artifacts["gmps"].meta["inertia_per_frame"].items()
+            },
+        },
+    )
+    title = f"fold {fold}: UAR {result.uar:.1%}"
+    tracker.artifact(
+        run,
+        confusion_plot(result.confusion, config.data.emotions, title, reports / f"confusion_fold{fold}.png"),
+    )
+    histories = {stage: artifacts[stage].meta["history"] for stage in STAGES}
+    tracker.artifact(run, training_curves(histories, f"fold {fold}", reports / f"curves_fold{fold}.png"))
+    if config.tracking.log_model:
+        tracker.artifact(run, artifacts["stage3"].path, "model")
+    for stage in STAGES:
+        child = tracker.start(
+            f"fold-{fold}-{stage}",
+            parent=run,
+            tags={
+                "gmpatl.kind": "stage",
+                "gmpatl.stage": stage,
+                "gmpatl.fold": str(fold),
+                "gmpatl.reused": str(not result.built[stage]).lower(),
+            },
+        )
+        section = getattr(config, stage).model_dump(mode="json")
+        tracker.params(child, flatten({stage: section}) | {"fingerprint": artifacts[stage].path.name})
+        tracker.history(child, histories[stage])
+        tracker.metrics(child, {"best_epoch": artifacts[stage].meta["best_epoch"]})
+        tracker.end(child)
+
+
+def _write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, text)
+    return path

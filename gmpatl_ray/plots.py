@@ -1,4 +1,5 @@
-"""Figures people would rather look at than numbers: confusion matrices (counts and row-normalised)."""
+"""Figures people would rather look at than numbers: confusion matrices (counts and row-normalised) and
+training curves."""
 
 from __future__ import annotations
 
@@ -35,6 +36,37 @@ def confusion_plot(matrix: np.ndarray, classes: list[str], title: str, path: Pat
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+    return path
+
+
+def training_curves(histories: dict[str, list[dict]], title: str, path: Path) -> Path:
+    """One panel per stage against the epoch: losses on the left axis, validation scores (UAR, WAR) on the
+    right."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(histories), figsize=(4 * len(histories), 3.2), squeeze=False)
+    for ax, (stage, history) in zip(axes[0], histories.items(), strict=True):
+        epochs = [row["epoch"] for row in history]
+        names = [k for k in (history[0] if history else {}) if k not in ("epoch", "val_score")]
+        scores = ax.twinx()
+        for name in names:
+            target = ax if name.endswith("loss") else scores
+            target.plot(epochs, [row[name] for row in history], marker="o", label=name)
+        ax.set_title(stage)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("loss")
+        scores.set_ylim(0, 1)
+        lines = ax.get_lines() + scores.get_lines()
+        ax.legend(lines, [line.get_label() for line in lines], fontsize=7)
+    fig.suptitle(title)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:

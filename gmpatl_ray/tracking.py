@@ -29,6 +29,15 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def tracking_uri(uri: str | None, output_dir: str | Path) -> str:
+    """The configured URI, else ``MLFLOW_TRACKING_URI``, else the embedded ``<output_dir>/mlflow.db``."""
+    return (
+        uri
+        or os.environ.get("MLFLOW_TRACKING_URI")
+        or f"sqlite:///{Path(output_dir).resolve() / 'mlflow.db'}"
+    )
+
+
 class Tracker:
     def __init__(self, experiment: str, uri: str | None, output_dir: str | Path):
         self.offline = Path(output_dir) / "tracking-offline.jsonl"
@@ -37,7 +46,7 @@ class Tracker:
         self.experiment_id = None
         output_dir = Path(output_dir).resolve()
         output_dir.mkdir(parents=True, exist_ok=True)
-        self.uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{output_dir / 'mlflow.db'}"
+        self.uri = tracking_uri(uri, output_dir)
 
         def connect() -> None:
             from mlflow import MlflowClient
@@ -97,10 +106,22 @@ class Tracker:
 
         self._safe("metrics", {"run": run, "metrics": metrics, "step": step}, log)
 
-    def artifact(self, run: str | None, path: Path) -> None:
-        self._safe(
-            "artifact", {"run": run, "path": str(path)}, lambda: self.client.log_artifact(run, str(path))
-        )
+    def history(self, run: str | None, epochs: list[dict[str, Any]]) -> None:
+        """Per-epoch metrics (``{"epoch": 0, "train_loss": ...}`` rows), stepped by epoch, so MLflow plots
+        them as training curves."""
+        for row in epochs:
+            numbers = {k: v for k, v in row.items() if k != "epoch" and isinstance(v, int | float)}
+            self.metrics(run, numbers, step=int(row["epoch"]))
+
+    def artifact(self, run: str | None, path: Path, folder: str | None = None) -> None:
+        """Log a file, or a directory's files, under the run's artifacts (inside ``folder`` if given)."""
+        path = Path(path)
+
+        def log() -> None:
+            upload = self.client.log_artifacts if path.is_dir() else self.client.log_artifact
+            upload(run, str(path), folder)
+
+        self._safe("artifact", {"run": run, "path": str(path), "folder": folder}, log)
 
     def end(self, run: str | None, status: str = "FINISHED") -> None:
         self._safe("end", {"run": run}, lambda: self.client.set_terminated(run, status))

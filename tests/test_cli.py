@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from conftest import small_config
+from transformers import HubertModel
 
 from gmpatl_ray.config import dump_config, load_config
 
@@ -16,8 +19,9 @@ REPO = Path(__file__).parent.parent
 GMPATL = Path(sys.executable).parent / "gmpatl"
 
 
-def run(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    return subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=300)
+def run(*args: str, cwd: Path = REPO, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    environment = {**os.environ, **(env or {})}
+    return subprocess.run(args, cwd=cwd, env=environment, capture_output=True, text=True, timeout=300)
 
 
 def test_console_script_and_module_agree():
@@ -125,10 +129,55 @@ def test_cv_runs_the_folds_and_tracks_them_in_mlflow(tmp_path):
     assert parent.data.metrics["mean_uar"] == pytest.approx(table["uar"].mean())
     assert parent.data.params["stage3.margin"] == "0.2" and "config_fingerprint" in parent.data.params
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} == {
+        "config.yaml",
         "cv_results.csv",
+        "cv_results.md",
         "confusion_all.png",
     }
-    assert [a.path for a in client.list_artifacts(runs["fold-1"].info.run_id)] == ["confusion_fold1.png"]
+    fold1 = runs["fold-1"].info.run_id
+    fold1_artifacts = {a.path for a in client.list_artifacts(fold1)}
+    assert fold1_artifacts == {"confusion_fold1.png", "curves_fold1.png", "model"}
+    model = client.download_artifacts(fold1, "model", str(tmp_path / "downloaded"))
+    assert HubertModel.from_pretrained(Path(model) / "backbone").config.hidden_size == 32
+    assert runs["fold-1"].data.metrics["test_uar"] == pytest.approx(table["uar"][1])
+
+    stage2 = runs["fold-1-stage2"]  # a run per stage under its fold, with per-epoch metrics
+    assert stage2.data.tags["mlflow.parentRunId"] == fold1 and stage2.data.tags["gmpatl.reused"] == "false"
+    assert stage2.data.params["stage2.mask_length"] == "10"
+    stage1_loss = client.get_metric_history(runs["fold-1-stage1"].info.run_id, "train_loss")
+    assert [m.step for m in stage1_loss] == [0, 1]
+
+    report = run(str(GMPATL), "report", "--config", str(config_file), "--csv", str(tmp_path / "report.csv"))
+    assert report.returncode == 0, report.stderr[-3000:]
+    assert f"CV run {parent.info.run_id}" in report.stdout
+    assert f"mean UAR {table['uar'].mean():.1%}" in report.stdout
+    reported = pd.read_csv(tmp_path / "report.csv")
+    assert reported["fold"].tolist() == [1, 2]
+    assert reported["uar"].tolist() == pytest.approx(table.sort_values("fold")["uar"].tolist(), abs=1e-4)
+
+
+@pytest.mark.slow
+def test_cv_finishes_when_the_tracking_server_is_unreachable(tmp_path):
+    """Nothing listens on port 9: every MLflow call fails fast, the run warns, keeps what it could not log
+    in a local file and still trains and scores the fold."""
+    from test_pipeline import TINY_TRAINING
+
+    config_file = tmp_path / "small.yaml"
+    overrides = [f"train.storage_path={tmp_path / 'ray'}", "tracking.uri=http://127.0.0.1:9", *TINY_TRAINING]
+    config_file.write_text(dump_config(small_config(tmp_path, *overrides)))
+    env = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "2"}
+    result = run(str(GMPATL), "cv", "--config", str(config_file), "--folds", "1", env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "fold 1: WAR" in result.stdout
+    assert "MLflow at http://127.0.0.1:9 failed" in result.stderr
+    offline = tmp_path / "out" / "tracking-offline.jsonl"
+    logged = [json.loads(line) for line in offline.read_text().splitlines()]
+    metrics = [line["metrics"] for line in logged if line["call"] == "metrics"]
+    assert any("test_uar" in m for m in metrics) and any("mean_uar" in m for m in metrics)
+    assert {line["path"].rsplit("/", 1)[-1] for line in logged if line["call"] == "artifact"} >= {
+        "cv_results.csv",
+        "confusion_fold1.png",
+    }
 
 
 def test_unknown_fold_exits_2(tmp_path):
@@ -139,7 +188,7 @@ def test_unknown_fold_exits_2(tmp_path):
     assert "--folds 1,7: no fold ['7']; the manifest's folds are [1, 2]" in result.stderr
 
 
-@pytest.mark.parametrize("job", ["prepare", "extract", "cluster", "cv"])
+@pytest.mark.parametrize("job", ["prepare", "extract", "cluster", "cv", "report"])
 def test_every_job_entrypoint_wraps_its_command(job):
     result = run(sys.executable, str(REPO / "jobs" / f"{job}.py"), "--help")
     assert result.returncode == 0 and result.stdout.startswith(f"usage: gmpatl {job}")
