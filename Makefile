@@ -14,14 +14,14 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $@
 
 demo: $(STAMP)
-	$(BIN)/gmpatl prepare --config configs/demo.yaml
+	$(BIN)/gmpatl cv --config configs/demo.yaml
 
 test: $(STAMP)
-	$(BIN)/ruff check gmpatl_ray jobs tests
+	$(BIN)/ruff check gmpatl_ray jobs tests benchmarks
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)
-	$(BIN)/ruff check gmpatl_ray jobs tests
+	$(BIN)/ruff check gmpatl_ray jobs tests benchmarks
 
 # Re-pin every transitive dependency after changing pyproject.toml (commit the result).
 lock: $(STAMP)
