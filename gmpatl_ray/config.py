@@ -7,6 +7,7 @@ file and the field. The defaults are the paper's values (GMP-ATL on IEMOCAP with
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -52,9 +53,11 @@ class ExperimentConfig(_Section):
     name: str = "gmpatl-iemocap"
     seed: int = 0
     output_dir: str = "outputs"
+    """Everything a run writes lives under it unless set apart (cache, Ray Train and Tune folders, the
+    embedded MLflow store, reports): on a cluster, point it at storage every node sees, in one place."""
     cache_dir: str = "outputs/cache"
     """Fingerprinted artifacts (features, GMPs, checkpoints), shareable between experiments and sweeps;
-    on a cluster it must be on storage every node sees."""
+    default ``<output_dir>/cache``."""
 
 
 class DemoCorpusConfig(_Section):
@@ -184,7 +187,7 @@ class TrainConfig(_Section):
     max_failures: Annotated[int, Field(ge=0)] = 2
     """Worker failures a stage survives by restarting from its last checkpoint."""
     storage_path: str = "outputs/ray_train"
-    """Ray Train's run folder (checkpoints); shared storage on a multi-node cluster."""
+    """Ray Train's run folder (checkpoints); default ``<output_dir>/ray_train``."""
     val_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.1
     """Share of the training folds held out (per emotion) to pick the best epoch."""
     max_duration_s: PositiveFloat = 8.0
@@ -226,6 +229,9 @@ class GMPConfig(_Section):
 class Stage2Config(_Section):
     """Retraining: HuBERT-style span masking, one LinearP head per scale predicting that scale's labels."""
 
+    enabled: bool = True
+    """False is the paper's "without GMPs" ablation (Table 3): no k-means, no stage 2; stage 3 fine-tunes
+    the stage-1 HuBERT."""
     mask_prob: Fraction = 0.8
     mask_length: PositiveInt = 10
     masked_weight: Annotated[float, Field(ge=0)] = 1.0
@@ -252,6 +258,61 @@ class TrackingConfig(_Section):
     """Log each fold's final model (HuBERT as ``save_pretrained`` writes it, and the heads) as artifacts."""
 
 
+class SearchSpace(_Section):
+    """One swept field: exactly one of ``grid`` (every value, crossed with the other grids), ``choice``
+    (one value drawn per sample), ``uniform`` or ``loguniform`` ([low, high], drawn per sample)."""
+
+    grid: list[Any] | None = Field(None, min_length=1)
+    choice: list[Any] | None = Field(None, min_length=1)
+    uniform: list[float] | None = Field(None, min_length=2, max_length=2)
+    loguniform: list[PositiveFloat] | None = Field(None, min_length=2, max_length=2)
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> SearchSpace:
+        given = [k for k in ("grid", "choice", "uniform", "loguniform") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of grid, choice, uniform, loguniform (got {given or 'none'})")
+        bounds = self.uniform or self.loguniform
+        if bounds and bounds[0] >= bounds[1]:
+            raise ValueError(f"[low, high] needs low < high (got {bounds})")
+        return self
+
+    def candidates(self) -> list[Any]:
+        """Values that stand for the dimension when the config is checked: all listed ones, or the bounds."""
+        return self.grid or self.choice or self.uniform or self.loguniform
+
+
+class SweepConfig(_Section):
+    """A Ray Tune sweep: each trial is this experiment with one point of ``space``, run over ``folds``;
+    trials are ranked by the mean validation UAR over the folds (never the test folds')."""
+
+    space: dict[str, SearchSpace] = Field(min_length=1)
+    """Dotted config fields (``stage3.margin``) and their values."""
+    num_samples: PositiveInt = 1
+    """Draws of the non-grid dimensions (each one crossed with the whole grid)."""
+    folds: list[int | str] | None = None
+    """Folds every trial runs (default: all of the manifest's)."""
+    max_concurrent_trials: PositiveInt = 2
+    cpus_per_trial: Annotated[float, Field(ge=0)] = 0.0
+    """CPUs held by a trial's own process; its stages reserve their Ray Train workers on top."""
+    scheduler: Literal["fifo", "asha"] = "fifo"
+    """asha stops trials whose mean validation UAR trails after ``grace_folds`` folds."""
+    grace_folds: PositiveInt = 1
+    max_failures: Annotated[int, Field(ge=0)] = 1
+    """Retries of a trial that raises; after them it is marked failed and the sweep goes on."""
+    storage_path: str = "outputs/ray_tune"
+    """Ray Tune's experiment folder (trial state, for ``gmpatl sweep --resume``); default
+    ``<output_dir>/ray_tune``."""
+
+
+OUTPUT_FOLDERS = (
+    ("experiment", "cache_dir", "cache"),
+    ("train", "storage_path", "ray_train"),
+    ("sweep", "storage_path", "ray_tune"),
+)
+"""Folders that default to ``<experiment.output_dir>/<folder>``."""
+
+
 class Config(_Section):
     """One experiment."""
 
@@ -265,6 +326,25 @@ class Config(_Section):
     stage2: Stage2Config = Stage2Config()
     stage3: Stage3Config = Stage3Config()
     tracking: TrackingConfig = TrackingConfig()
+    sweep: SweepConfig | None = None
+    """Only ``gmpatl sweep`` reads it; every other command runs the experiment as written."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _paths_under_output_dir(cls, raw: Any) -> Any:
+        """Folders not given explicitly follow ``experiment.output_dir``."""
+        if not isinstance(raw, dict):
+            return raw
+        raw = {key: dict(value) if isinstance(value, dict) else value for key, value in raw.items()}
+        experiment = raw.setdefault("experiment", {})
+        if not isinstance(experiment, dict):
+            return raw
+        out = experiment.get("output_dir") or ExperimentConfig().output_dir
+        for section, field, folder in OUTPUT_FOLDERS:
+            part = raw.setdefault(section, {}) if section != "sweep" else raw.get(section)
+            if isinstance(part, dict) and part.get(field) is None and isinstance(out, str):
+                part[field] = f"{out.rstrip('/')}/{folder}"
+        return raw
 
     @model_validator(mode="after")
     def _batches_split_over_workers(self) -> Config:
@@ -275,6 +355,28 @@ class Config(_Section):
                     f"{stage}.optim.batch_size {batch} is the global batch and must be a multiple of "
                     f"train.num_workers {self.train.num_workers}"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _sweep_space_fits(self) -> Config:
+        """Every swept field exists and takes every listed value (or bound), so a sweep fails at load time,
+        not in its hundredth trial."""
+        if self.sweep is None:
+            return self
+        base = self.model_dump(mode="json", exclude={"sweep"})
+        for key, dimension in self.sweep.space.items():
+            for value in dimension.candidates():
+                raw = json.loads(json.dumps(base))
+                try:
+                    set_field(raw, key, value)
+                    Config.model_validate(raw)
+                except ConfigError as err:
+                    raise ValueError(f"sweep.space.{key}: {err}") from None
+                except ValidationError as err:
+                    first = err.errors()[0]
+                    where = ".".join(str(p) for p in first["loc"])
+                    problem = f"value {value!r} gives {where}: {first['msg']}"
+                    raise ValueError(f"sweep.space.{key}: {problem}") from None
         return self
 
 
@@ -293,14 +395,19 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
     key, sep, value = override.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"override {override!r}: expected FIELD=VALUE, e.g. stage1.alpha_e=0.8")
-    parts = key.strip().split(".")
+    set_field(raw, key.strip(), _parse_yaml(value))
+
+
+def set_field(raw: dict[str, Any], key: str, value: Any) -> None:
+    """Set the dotted field ``key`` (``stage3.margin``) of a raw config in place, creating sections."""
+    parts = key.split(".")
     node = raw
     for i, part in enumerate(parts[:-1]):
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise ConfigError(f"override {override!r}: {'.'.join(parts[: i + 1])} is not a section")
+            raise ConfigError(f"{key}: {'.'.join(parts[: i + 1])} is not a section")
         node = child
-    node[parts[-1]] = _parse_yaml(value)
+    node[parts[-1]] = value
 
 
 def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Config:
@@ -311,27 +418,78 @@ def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Config:
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
-    """Load and validate a YAML experiment; ``None`` gives the paper defaults. Overrides win over the file."""
+    """Load and validate a YAML experiment; ``None`` gives the paper defaults. Overrides win over the file.
+
+    A file may start from another: ``extends: demo.yaml`` (relative to the file) loads that one first and
+    merges this file's sections into it field by field (lists and values replace, sections merge).
+    """
     raw: dict[str, Any] = {}
     source = "<defaults>"
     if path is not None:
         source = str(path)
-        try:
-            text = Path(path).read_text()
-        except OSError as err:
-            raise ConfigError(f"{path}: cannot read config: {err.strerror}") from None
-        try:
-            loaded = _parse_yaml(text)
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {err}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
-        raw = loaded or {}
+        raw = _read_yaml(Path(path), seen=())
     for override in overrides:
         apply_override(raw, override)
     if overrides:
         source += " with --set " + " ".join(overrides)
     return config_from_dict(raw, source)
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read config: {err.strerror}") from None
+    try:
+        loaded = _parse_yaml(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    raw = loaded or {}
+    base = raw.pop("extends", None)
+    if base is None:
+        return raw
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: extends: expected the path of another config, got {base!r}")
+    base_path = (path.parent / base).resolve()
+    if base_path in seen:
+        raise ConfigError(f"{path}: extends: {base} extends itself through {[str(p) for p in seen]}")
+    return _merge(_read_yaml(base_path, (*seen, path.resolve())), raw)
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in top.items():
+        both_sections = isinstance(value, dict) and isinstance(merged.get(key), dict)
+        merged[key] = _merge(merged[key], value) if both_sections else value
+    return merged
+
+
+PATH_FIELDS = (
+    "experiment.output_dir",
+    "experiment.cache_dir",
+    "data.root",
+    "data.manifest",
+    "data.csv",
+    "train.storage_path",
+    "sweep.storage_path",
+)
+
+
+def with_absolute_paths(config: Config) -> Config:
+    """The config with its relative paths (and a local ``backbone.pretrained`` folder) resolved against the
+    current directory, for processes that run elsewhere: Tune runs each trial in its own folder."""
+    raw = config.model_dump(mode="json")
+    for key in PATH_FIELDS:
+        section, field = key.split(".")
+        value = (raw.get(section) or {}).get(field)
+        if isinstance(value, str) and value and "://" not in value:
+            raw[section][field] = str(Path(value).resolve())
+    pretrained = raw["backbone"]["pretrained"]
+    if pretrained and Path(pretrained).exists():
+        raw["backbone"]["pretrained"] = str(Path(pretrained).resolve())
+    return config_from_dict(raw, "<config with absolute paths>")
 
 
 def dump_config(config: Config) -> str:

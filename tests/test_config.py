@@ -104,3 +104,25 @@ def test_unreadable_and_non_mapping_files(tmp_path):
 def test_configs_are_immutable():
     with pytest.raises(ValueError):
         Config().stage1.alpha_e = 0.5
+
+
+def test_folders_follow_the_output_dir_unless_set():
+    moved = load_config(CONFIGS / "sweep.yaml", ["experiment.output_dir=/shared/gmpatl"])
+    assert moved.experiment.cache_dir == "/shared/gmpatl/cache"
+    assert moved.train.storage_path == "/shared/gmpatl/ray_train"
+    assert moved.sweep.storage_path == "/shared/gmpatl/ray_tune"
+    pinned = load_config(CONFIGS / "demo.yaml", ["experiment.cache_dir=/cache"])
+    assert pinned.experiment.cache_dir == "/cache" and pinned.train.storage_path == "outputs/demo/ray_train"
+    assert load_config(CONFIGS / "demo.yaml").sweep is None
+
+
+def test_extends_merges_sections_field_by_field(tmp_path):
+    child = tmp_path / "child.yaml"
+    child.write_text(f"extends: {CONFIGS / 'demo.yaml'}\nstage3: {{margin: 0.3}}\n")
+    config, demo = load_config(child), load_config(CONFIGS / "demo.yaml")
+    assert config.stage3.margin == 0.3 and config.stage3.optim == demo.stage3.optim
+    assert config.backbone == demo.backbone
+    loop = tmp_path / "loop.yaml"
+    loop.write_text("extends: loop.yaml\n")
+    with pytest.raises(ConfigError, match="extends: loop.yaml extends itself"):
+        load_config(loop)
