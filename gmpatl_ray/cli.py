@@ -99,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(report)
     report.add_argument("--run", help="the CV run's MLflow id (default: the experiment's latest CV run)")
     report.add_argument("--experiment", help="MLflow experiment (default: tracking.experiment)")
+    report.add_argument("--sweep", metavar="NAME", help="one row per trial of this sweep (experiment.name)")
     report.add_argument("--csv", metavar="FILE", help="also write the table as CSV")
 
     show = commands.add_parser("config", help="print the fully resolved config (defaults filled in)")
@@ -216,7 +217,7 @@ def cmd_gmp_report(args: argparse.Namespace) -> int:
 
 def cmd_cv(args: argparse.Namespace) -> int:
     from .artifacts import ArtifactCache
-    from .data.manifest import folds
+    from .data.manifest import format_summary
     from .data.prepare import load_or_prepare
     from .pipeline import run_cv
     from .runtime import init_ray
@@ -224,14 +225,8 @@ def cmd_cv(args: argparse.Namespace) -> int:
 
     config = _load(args)
     manifest = load_or_prepare(config.data)
-    available = folds(manifest)
-    chosen = available
-    if args.folds:
-        by_name = {str(f): f for f in available}
-        unknown = [f for f in args.folds.split(",") if f not in by_name]
-        if unknown:
-            raise InputError(f"--folds {args.folds}: no fold {unknown}; the manifest's folds are {available}")
-        chosen = [by_name[f] for f in args.folds.split(",")]
+    print(format_summary(manifest, f"{config.data.source} manifest {config.data.manifest}"), flush=True)
+    chosen = _folds(manifest, args.folds.split(",") if args.folds else None, "--folds")
     init_ray()
     tracker = Tracker(config.tracking.experiment, config.tracking.uri, config.experiment.output_dir)
     table = run_cv(config, manifest, chosen, ArtifactCache(config.experiment.cache_dir), tracker)
@@ -243,16 +238,52 @@ def cmd_cv(args: argparse.Namespace) -> int:
     return 0
 
 
+def _folds(manifest, wanted: list | None, what: str) -> list:
+    """The manifest's folds named in ``wanted`` (all when None), in that order; unknown ones are an error."""
+    from .data.manifest import folds
+
+    available = folds(manifest)
+    if wanted is None:
+        return available
+    by_name = {str(f): f for f in available}
+    unknown = [str(f) for f in wanted if str(f) not in by_name]
+    if unknown:
+        listed = ",".join(str(f) for f in wanted)
+        raise InputError(f"{what} {listed}: no fold {unknown}; the manifest's folds are {available}")
+    return [by_name[str(f)] for f in wanted]
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from .data.prepare import load_or_prepare
+    from .runtime import init_ray
+    from .sweep import run_sweep
+
+    config = _load(args)
+    if config.sweep is None:
+        raise InputError("gmpatl sweep needs a config with a sweep section (see configs/sweep.yaml)")
+    manifest = load_or_prepare(config.data)
+    chosen = _folds(manifest, config.sweep.folds, "sweep.folds")
+    init_ray()
+    table = run_sweep(config, manifest, chosen, resume=args.resume)
+    print(table.to_markdown(index=False, floatfmt=".4f"))
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
-    from .report import cv_report, format_report
+    from .report import cv_report, format_report, format_sweep, sweep_report
     from .tracking import tracking_uri
 
     config = _load(args)
     uri = tracking_uri(config.tracking.uri, config.experiment.output_dir)
     experiment = args.experiment or config.tracking.experiment
-    run_id, table = cv_report(uri, experiment, args.run)
-    print(f"CV run {run_id} in experiment {experiment!r} at {uri}")
-    print(format_report(table))
+    if args.sweep:
+        table = sweep_report(uri, experiment, args.sweep)
+        print(f"sweep {args.sweep!r} in experiment {experiment!r} at {uri}: {len(table)} trial(s)")
+        print(format_sweep(table))
+    else:
+        run_id, table = cv_report(uri, experiment, args.run)
+        print(f"CV run {run_id} in experiment {experiment!r} at {uri}")
+        print(format_report(table))
     if args.csv:
         atomic_write_text(args.csv, table.to_csv(index=False, float_format="%.4f"))
         print(f"saved {args.csv}")
@@ -270,6 +301,7 @@ COMMANDS = {
     "cluster": cmd_cluster,
     "gmp-report": cmd_gmp_report,
     "cv": cmd_cv,
+    "sweep": cmd_sweep,
     "report": cmd_report,
     "config": cmd_config,
 }

@@ -156,7 +156,14 @@ def build_gmps_on_cluster(
     _fit_plan(features, fit_utts, gmp)  # impossible scales fail here, not inside the task
     gpus_in_cluster = ray.cluster_resources().get("GPU", 0) >= 1
     num_gpus = 1 if gmp.backend == "cuml" or (gmp.backend == "auto" and gpus_in_cluster) else 0
-    task = ray.remote(num_cpus=1, num_gpus=num_gpus)(build_gmps)
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    # Scheduled on the cluster, not inside the caller's placement group (a Tune trial's holds no CPU).
+    task = ray.remote(
+        num_cpus=1,
+        num_gpus=num_gpus,
+        scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None),
+    )(build_gmps)
     return ray.get(
         task.remote(features, layer, gmp, seed, None if fit_utts is None else sorted(fit_utts), cache)
     )

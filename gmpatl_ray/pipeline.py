@@ -8,6 +8,7 @@ unless ``gmp.transductive`` lets them see its audio (never its labels).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ import pandas as pd
 from .artifacts import Artifact, ArtifactCache, fingerprint
 from .atomic import atomic_write_text
 from .config import Config, dump_config
-from .cv import split_fold
+from .cv import FoldSplit, split_fold
 from .features import extract_features
 from .gmp import build_gmps_on_cluster
 from .plots import confusion_plot, training_curves
@@ -46,7 +47,28 @@ class FoldResult:
 def run_fold(config: Config, manifest: pd.DataFrame, fold: Any, cache: ArtifactCache) -> FoldResult:
     split = split_fold(manifest, fold, config.train.val_fraction, config.experiment.seed)
     stage1, built1 = run_stage1(config, split, cache)
+    if config.stage2.enabled:
+        built, artifacts = _gmps_and_stage2(config, split, stage1, cache)
+        backbone = artifacts["stage2"].path / "backbone"
+    else:  # the "without GMPs" ablation: stage 3 fine-tunes the stage-1 HuBERT
+        built, artifacts, backbone = {}, {}, stage1.path / "backbone"
+    stage3, built3 = run_stage3(config, split, backbone, cache)
+    test = stage3.meta["test"]
+    return FoldResult(
+        fold=fold,
+        war=test["war"],
+        uar=test["uar"],
+        confusion=test["confusion"],
+        test_utterances=test["utterances"],
+        built={"stage1": built1, **built, "stage3": built3},
+        artifacts={"stage1": stage1, **artifacts, "stage3": stage3},
+    )
 
+
+def _gmps_and_stage2(
+    config: Config, split: FoldSplit, stage1: Artifact, cache: ArtifactCache
+) -> tuple[dict[str, bool], dict[str, Artifact]]:
+    """The stage-1 HuBERT's features of the seen folds, their GMPs, and stage 2 trained on them."""
     seen = pd.concat([split.train, split.val, *([split.test] if config.gmp.transductive else [])])
     stage1_features = config.model_copy(
         update={
@@ -61,35 +83,30 @@ def run_fold(config: Config, manifest: pd.DataFrame, fold: Any, cache: ArtifactC
         features, config.gmp.layer, config.gmp, config.experiment.seed, seen["utt_id"], cache
     )
     stage2, built2 = run_stage2(config, split, stage1.path / "backbone", gmps, cache)
-    stage3, built3 = run_stage3(config, split, stage2.path / "backbone", cache)
-    test = stage3.meta["test"]
-    return FoldResult(
-        fold=fold,
-        war=test["war"],
-        uar=test["uar"],
-        confusion=test["confusion"],
-        test_utterances=test["utterances"],
-        built={
-            "stage1": built1,
-            "features": built_features,
-            "gmps": built_gmps,
-            "stage2": built2,
-            "stage3": built3,
-        },
-        artifacts={"stage1": stage1, "gmps": gmps.artifact, "stage2": stage2, "stage3": stage3},
-    )
+    built = {"features": built_features, "gmps": built_gmps, "stage2": built2}
+    return built, {"gmps": gmps.artifact, "stage2": stage2}
 
 
 def run_cv(
-    config: Config, manifest: pd.DataFrame, folds: list, cache: ArtifactCache, tracker: Tracker
+    config: Config,
+    manifest: pd.DataFrame,
+    folds: list,
+    cache: ArtifactCache,
+    tracker: Tracker,
+    run_name: str | None = None,
+    tags: dict[str, str] | None = None,
+    on_fold: Callable[[pd.DataFrame], None] | None = None,
 ) -> pd.DataFrame:
     """Every fold, tracked in MLflow: a parent run (config, results table, summed confusion), a child run
     per fold (test metrics, confusion matrix, training curves, final model) and under it a run per stage
-    (its settings and per-epoch metrics). Returns the per-fold table."""
+    (its settings and per-epoch metrics). ``on_fold`` gets the table so far after each fold (a sweep
+    reports it to Tune). Returns the per-fold table."""
     emotions = config.data.emotions
     reports = Path(config.experiment.output_dir) / "reports"
-    resolved = config.model_dump(mode="json")
-    parent = tracker.start(f"cv-{config.experiment.name}", tags={"gmpatl.kind": "cv"})
+    resolved = config.model_dump(mode="json", exclude={"sweep"})
+    parent = tracker.start(
+        run_name or f"cv-{config.experiment.name}", tags={"gmpatl.kind": "cv", **(tags or {})}
+    )
     tracker.params(parent, flatten(resolved) | {"config_fingerprint": fingerprint(resolved)})
     tracker.artifact(parent, _write(reports / "config.yaml", dump_config(config)))
     rows, total = [], np.zeros((len(emotions), len(emotions)), dtype=int)
@@ -108,11 +125,14 @@ def run_cv(
                     "fold": fold,
                     "war": result.war,
                     "uar": result.uar,
+                    "val_uar": result.artifacts["stage3"].meta["best_val_uar"],
                     "test_utterances": result.test_utterances,
                     "reused": ",".join(k for k, built in result.built.items() if not built),
                 }
             )
             print(f"fold {fold}: WAR {result.war:.1%}  UAR {result.uar:.1%}", flush=True)
+            if on_fold:
+                on_fold(pd.DataFrame(rows))
     except BaseException:
         for failed in {run, parent}:
             tracker.end(failed, "FAILED")
@@ -123,6 +143,7 @@ def run_cv(
         "mean_uar": table["uar"].mean(),
         "std_war": table["war"].std(ddof=0),
         "std_uar": table["uar"].std(ddof=0),
+        "mean_val_uar": table["val_uar"].mean(),
     }
     tracker.metrics(parent, summary)
     reports.mkdir(parents=True, exist_ok=True)
@@ -144,16 +165,15 @@ def run_cv(
 def _track_fold(tracker: Tracker, run: str | None, config: Config, result: FoldResult, reports: Path) -> None:
     """A fold's run: test metrics and figures, the GMPs' inertia, the final model, and a run per stage."""
     fold, artifacts = result.fold, result.artifacts
+    stages = [stage for stage in STAGES if stage in artifacts]  # stage 2 is absent when disabled
+    inertia = artifacts["gmps"].meta["inertia_per_frame"] if "gmps" in artifacts else {}
     tracker.metrics(
         run,
         {
             "test_war": result.war,
             "test_uar": result.uar,
             "best_val_uar": artifacts["stage3"].meta["best_val_uar"],
-            **{
-                f"gmp_inertia_per_frame_k{k}": v
-                for k, v in artifacts["gmps"].meta["inertia_per_frame"].items()
-            },
+            **{f"gmp_inertia_per_frame_k{k}": v for k, v in inertia.items()},
         },
     )
     title = f"fold {fold}: UAR {result.uar:.1%}"
@@ -161,11 +181,11 @@ def _track_fold(tracker: Tracker, run: str | None, config: Config, result: FoldR
         run,
         confusion_plot(result.confusion, config.data.emotions, title, reports / f"confusion_fold{fold}.png"),
     )
-    histories = {stage: artifacts[stage].meta["history"] for stage in STAGES}
+    histories = {stage: artifacts[stage].meta["history"] for stage in stages}
     tracker.artifact(run, training_curves(histories, f"fold {fold}", reports / f"curves_fold{fold}.png"))
     if config.tracking.log_model:
         tracker.artifact(run, artifacts["stage3"].path, "model")
-    for stage in STAGES:
+    for stage in stages:
         child = tracker.start(
             f"fold-{fold}-{stage}",
             parent=run,

@@ -1,7 +1,8 @@
-"""Results of past CV runs, read back from MLflow (the record every run writes, wherever it ran).
+"""Results of past CV runs and sweeps, read back from MLflow (the record every run writes, wherever it ran).
 
 ``gmpatl report`` finds a CV parent run (the latest of the experiment, or one given by id), reads its fold
-runs and prints the per-fold WAR/UAR table with the mean and standard deviation over folds.
+runs and prints the per-fold WAR/UAR table with the mean and standard deviation over folds. With
+``--sweep NAME`` it prints one row per trial of that sweep: the swept values and the means over folds.
 """
 
 from __future__ import annotations
@@ -9,6 +10,9 @@ from __future__ import annotations
 import pandas as pd
 
 from .errors import InputError
+
+PARAM_TAG = "gmpatl.param."
+"""Tag prefix of a sweep trial's swept values (set by :mod:`gmpatl_ray.sweep`)."""
 
 
 class ReportError(InputError):
@@ -52,6 +56,62 @@ def cv_report(uri: str, experiment: str, run_id: str | None = None) -> tuple[str
     table = pd.DataFrame(rows)
     table = table.iloc[sorted(range(len(table)), key=lambda i: _fold_order(table["fold"][i]))]
     return run_id, table.reset_index(drop=True)
+
+
+def sweep_report(uri: str, experiment: str, sweep: str) -> pd.DataFrame:
+    """One row per trial of ``sweep``, in trial order: its swept values, mean validation UAR, mean and std
+    of test UAR and WAR over its folds, folds finished, status."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        raise ReportError(f"no MLflow experiment {experiment!r} at {uri}")
+    trials = client.search_runs(
+        [found.experiment_id], f"tags.`gmpatl.sweep` = '{sweep}' and tags.`gmpatl.kind` = 'cv'"
+    )
+    if not trials:
+        raise ReportError(f"experiment {experiment!r} at {uri} has no trials of sweep {sweep!r}")
+    rows = []
+    for run in trials:
+        tags, metrics = run.data.tags, run.data.metrics
+        params = {k.removeprefix(PARAM_TAG): v for k, v in tags.items() if k.startswith(PARAM_TAG)}
+        folds = client.search_runs(
+            [found.experiment_id],
+            f"tags.`mlflow.parentRunId` = '{run.info.run_id}' and tags.`gmpatl.kind` = 'fold'",
+        )
+        rows.append(
+            {
+                "trial": tags.get("gmpatl.trial", run.info.run_name),
+                **params,
+                "mean_val_uar": metrics.get("mean_val_uar"),
+                "mean_uar": metrics.get("mean_uar"),
+                "std_uar": metrics.get("std_uar"),
+                "mean_war": metrics.get("mean_war"),
+                "std_war": metrics.get("std_war"),
+                "folds": sum(f.info.status == "FINISHED" for f in folds),
+                "status": run.info.status,
+            }
+        )
+    return pd.DataFrame(rows).sort_values("trial").reset_index(drop=True)  # Tune numbers trials in grid order
+
+
+def format_sweep(table: pd.DataFrame) -> str:
+    """The paper's layout: one row per setting, UAR and WAR in % as mean ± std over folds, then the
+    validation UAR that ranks the trials (the best one marked)."""
+    shown = table.drop(columns=["mean_uar", "std_uar", "mean_war", "std_war"])
+    shown.insert(len(shown.columns) - 3, "UAR %", _mean_std(table["mean_uar"], table["std_uar"]))
+    shown.insert(len(shown.columns) - 3, "WAR %", _mean_std(table["mean_war"], table["std_war"]))
+    best = table["mean_val_uar"].idxmax() if table["mean_val_uar"].notna().any() else None
+    shown["best"] = ["*" if i == best else "" for i in table.index]
+    return shown.to_markdown(index=False, floatfmt=".4f")
+
+
+def _mean_std(mean: pd.Series, std: pd.Series) -> list[str]:
+    return [
+        "" if pd.isna(m) else f"{100 * m:.1f} ± {100 * (0 if pd.isna(s) else s):.1f}"
+        for m, s in zip(mean, std, strict=True)
+    ]
 
 
 def format_report(table: pd.DataFrame) -> str:

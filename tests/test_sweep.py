@@ -1,0 +1,141 @@
+"""Ray Tune sweeps on a real local Ray cluster: 4 trials over stage 3's margin and scale train stage 1 and
+stage 2 once for the fold (counted as Ray Train runs), each trial lands in MLflow with its fold run, and
+`gmpatl report --sweep` prints them; the paper's Table 3 and 4 sweeps run on the demo corpus."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import REPO, small_config
+from mlflow import MlflowClient
+from test_cli import GMPATL, run
+from test_pipeline import TINY_TRAINING
+
+from gmpatl_ray.config import ConfigError, dump_config, load_config
+from gmpatl_ray.sweep import run_sweep, trial_config
+
+SPACE = "sweep={space: {stage3.margin: {grid: [0.1, 0.3]}, stage3.scale: {grid: [10, 30]}}}"
+STAGES = ("stage1", "stage2", "stage3")
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    """One output folder (stage cache, Ray Train runs, MLflow store) for every sweep here, as on a cluster:
+    later sweeps reuse the stages earlier ones built."""
+    return tmp_path_factory.mktemp("sweeps")
+
+
+def built_runs(shared) -> set[str]:
+    return {run.name for run in (shared / "ray_train").glob("stage*-*")}
+
+
+def count(runs: set[str]) -> dict[str, int]:
+    return {stage: sum(run.startswith(f"{stage}-") for run in runs) for stage in STAGES}
+
+
+def sweep_config(folder, shared, name: str, *overrides: str):
+    return small_config(
+        folder,
+        f"experiment.output_dir={shared}",
+        f"experiment.cache_dir={shared / 'cache'}",
+        f"experiment.name={name}",
+        "tracking.experiment=sweep-test",
+        "tracking.log_model=false",
+        *TINY_TRAINING,
+        *overrides,
+    )
+
+
+def test_a_trial_is_the_experiment_with_its_values(tmp_path):
+    config = small_config(tmp_path, SPACE)
+    trial = trial_config(config.model_dump(mode="json"), {"stage3.margin": 0.3, "stage3.scale": 10})
+    assert trial.stage3.margin == 0.3 and trial.stage3.scale == 10 and trial.sweep is None
+    assert trial.stage1 == config.stage1
+
+
+def test_a_space_that_does_not_fit_the_config_fails_at_load_time(tmp_path):
+    with pytest.raises(ConfigError, match=r"sweep.space.stage3.margn: value 0.1 gives stage3.margn"):
+        small_config(tmp_path, "sweep={space: {stage3.margn: {grid: [0.1]}}}")
+    with pytest.raises(ConfigError, match=r"sweep.space.stage1.alpha_e: value 1.5 gives stage1.alpha_e"):
+        small_config(tmp_path, "sweep={space: {stage1.alpha_e: {uniform: [0.5, 1.5]}}}")
+    with pytest.raises(ConfigError, match="give exactly one of grid, choice, uniform, loguniform"):
+        small_config(tmp_path, "sweep={space: {gmp.layer: {grid: [-1], choice: [-2]}}}")
+
+
+def test_a_sweep_config_extends_the_demo():
+    sweep = load_config(REPO / "configs" / "sweep.yaml")
+    demo = load_config(REPO / "configs" / "demo.yaml")
+    assert sweep.backbone == demo.backbone and sweep.stage1 == demo.stage1
+    assert set(sweep.sweep.space) == {"stage3.margin", "stage3.scale"}
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_cluster")
+def test_four_trials_share_stages_1_and_2_per_fold(small_corpus, shared):
+    folder, manifest = small_corpus
+    config = sweep_config(folder, shared, "margin-scale", SPACE)
+    before = built_runs(shared)
+    table = run_sweep(config, manifest, [1])
+    assert len(table) == 4 and (table["folds_done"] == 1).all()
+    assert sorted(zip(table["stage3.margin"], table["stage3.scale"], strict=True)) == [
+        (0.1, 10),
+        (0.1, 30),
+        (0.3, 10),
+        (0.3, 30),
+    ]
+    assert table["mean_val_uar"].is_monotonic_decreasing  # ranked by validation, never by test
+
+    trained = count(built_runs(shared) - before)
+    assert trained == {"stage1": 1, "stage2": 1, "stage3": 4}  # stages 1 and 2 once for the fold
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{shared / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("sweep-test").experiment_id
+    trials = client.search_runs([experiment], "tags.`gmpatl.sweep` = 'margin-scale'")
+    assert len(trials) == 4
+    for trial in trials:
+        folds = client.search_runs(
+            [experiment], f"tags.`mlflow.parentRunId` = '{trial.info.run_id}' and tags.`gmpatl.kind` = 'fold'"
+        )
+        assert [f.data.tags["gmpatl.fold"] for f in folds] == ["1"]
+
+    config_file = shared / "margin-scale.yaml"
+    config_file.write_text(dump_config(config))
+    report = run(str(GMPATL), "report", "--config", str(config_file), "--sweep", "margin-scale")
+    assert report.returncode == 0, report.stderr[-3000:]
+    assert "sweep 'margin-scale' in experiment 'sweep-test'" in report.stdout
+    assert ": 4 trial(s)" in report.stdout
+    rows = [line for line in report.stdout.splitlines() if line.startswith("| trial_")]
+    assert len(rows) == 4
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_cluster")
+@pytest.mark.parametrize(
+    ("table", "space", "at_most"),
+    [
+        # GMPs on/off x CE/AM-Softmax: stage 1 once, stage 2 for "on" only, stage 3 per trial
+        ("table3", None, {"stage1": 1, "stage2": 1, "stage3": 4}),
+        # the tiny HuBERT has 3 layers: -1 and -2 stand for the paper's -1 .. -8
+        ("table4", "{gmp.layer: {grid: [-1, -2]}}", {"stage1": 1, "stage2": 2, "stage3": 2}),
+    ],
+)
+def test_the_papers_tables_run_as_sweeps_and_report(small_corpus, shared, table, space, at_most):
+    """Stages an earlier sweep here built with the same settings are reused, hence "at most"."""
+    folder, manifest = small_corpus
+    shipped = load_config(REPO / "configs" / f"{table}.yaml").sweep
+    space = space or json.dumps({k: v.model_dump(exclude_none=True) for k, v in shipped.space.items()})
+    config = sweep_config(folder, shared, table, f"sweep={{space: {space}, folds: [1]}}")
+    before = built_runs(shared)
+    table_rows = run_sweep(config, manifest, [1])
+    assert len(table_rows) == at_most["stage3"] and (table_rows["folds_done"] == 1).all()  # every trial ran
+    trained = count(built_runs(shared) - before)
+    assert all(trained[stage] <= at_most[stage] for stage in STAGES), trained
+
+    config_file = shared / f"{table}.yaml"
+    config_file.write_text(dump_config(config))
+    report = run(str(GMPATL), "report", "--config", str(config_file), "--sweep", table)
+    assert report.returncode == 0, report.stderr[-3000:]
+    header = next(line for line in report.stdout.splitlines() if line.startswith("| trial"))
+    assert all(f" {key} " in header for key in config.sweep.space) and "UAR %" in header and "WAR %" in header
+    assert report.stdout.count("FINISHED") == at_most["stage3"]  # one row per trial, each finished
