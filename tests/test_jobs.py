@@ -1,0 +1,124 @@
+"""`ray job submit` end to end: a real Ray head (`ray start --head`, token authentication on, dashboard on
+127.0.0.1), the demo CV of one fold submitted as a job with this repository as its working dir, the
+results checked in MLflow; then the head is stopped."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPO, small_config
+from mlflow import MlflowClient
+from test_pipeline import TINY_TRAINING
+
+from gmpatl_ray.config import dump_config
+
+pytestmark = pytest.mark.slow
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def ray_head():
+    """A separate Ray head in its own process group (``--block``), so stopping it leaves the test
+    session's own local cluster alone (``ray stop`` would stop every Ray on the machine). Its temp dir
+    is short: Ray's Unix sockets live there and their paths may not exceed 107 bytes."""
+    dashboard = free_port()
+    temp = Path(tempfile.mkdtemp(prefix="rayhead", dir="/tmp"))
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
+    head = subprocess.Popen(
+        [
+            str(BIN / "ray"),
+            "start",
+            "--head",
+            "--block",
+            f"--port={free_port()}",
+            "--num-cpus=2",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard}",
+            f"--temp-dir={temp}",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    address = f"http://127.0.0.1:{dashboard}"
+    try:
+        for _ in range(120):
+            try:
+                socket.create_connection(("127.0.0.1", dashboard), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(1)
+        else:
+            pytest.fail("the Ray head's job API did not come up in 120 s")
+        yield address, env
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=10)
+        except subprocess.TimeoutExpired:  # the whole group: GCS, raylet, dashboard, workers
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait(timeout=30)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_the_demo_cv_runs_as_a_submitted_job(ray_head, small_corpus, tmp_path):
+    address, env = ray_head
+    folder, _ = small_corpus
+    config = small_config(
+        folder,
+        f"experiment.output_dir={tmp_path / 'out'}",
+        f"train.storage_path={tmp_path / 'ray'}",
+        "tracking.experiment=job-test",
+        "tracking.log_model=false",
+        *TINY_TRAINING,
+    )
+    config_file = tmp_path / "job.yaml"
+    config_file.write_text(dump_config(config))
+    submit = subprocess.run(
+        [
+            str(BIN / "ray"),
+            "job",
+            "submit",
+            "--address",
+            address,
+            "--working-dir",
+            str(REPO),
+            "--",
+            sys.executable,
+            "jobs/cv.py",
+            "--config",
+            str(config_file),
+            "--folds",
+            "1",
+        ],
+        env={**env, "RAY_AUTH_MODE": "token"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
+    assert "succeeded" in submit.stdout and "fold 1: WAR" in submit.stdout
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("job-test").experiment_id
+    runs = {r.info.run_name: r for r in client.search_runs([experiment])}
+    assert runs["cv-gmpatl-demo"].info.status == "FINISHED"
+    assert 0 <= runs["fold-1"].data.metrics["test_uar"] <= 1
+    assert runs["fold-1"].data.tags["mlflow.parentRunId"] == runs["cv-gmpatl-demo"].info.run_id
