@@ -207,6 +207,9 @@ def train_fn(loop: dict[str, Any]) -> None:
     )
     rank = context.get_world_rank()
     device = "cuda" if config.train.use_gpu else "cpu"
+    # Dropout and stage 2's masks draw from torch's global generator: seed it per run, worker and epoch
+    # resumed from, so a run is reproducible and a resumed one does not replay the first epochs' draws.
+    torch.manual_seed(int(np.random.SeedSequence([config.experiment.seed, rank, start]).generate_state(1)[0]))
     for epoch in range(start, optim.epochs):
         dataset.epoch = epoch
         if hasattr(loader.sampler, "set_epoch"):
