@@ -176,8 +176,8 @@ class HubertExtractor:
         torch = self.torch
         lengths = torch.tensor([len(w) for w in waves])
         padded = torch.zeros(len(waves), int(lengths.max()))
-        for i, wave in enumerate(waves):
-            padded[i, : len(wave)] = torch.from_numpy(np.asarray(wave, dtype=np.float32))
+        for i, wave in enumerate(waves):  # torch.tensor copies: Arrow's arrays are read-only
+            padded[i, : len(wave)] = torch.tensor(np.asarray(wave, dtype=np.float32))
         with torch.inference_mode(), torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
             outputs, frames = hubert_layers(
                 self.model, padded.to(self.device), lengths.to(self.device), self.layers

@@ -107,7 +107,10 @@ def _maybe_int(column: pd.Series) -> pd.Series:
 
 
 def load_or_prepare(data: DataConfig) -> pd.DataFrame:
-    """The checked manifest at ``data.manifest``, running :func:`prepare` first when it does not exist."""
-    if not Path(data.manifest).is_file():
+    """The checked manifest at ``data.manifest``, running :func:`prepare` first when it does not exist.
+
+    The demo corpus is always prepared (a second or two): its generator reuses the corpus only when it was
+    made with this ``data.demo``, so a changed demo config never meets a stale manifest."""
+    if data.source == "demo" or not Path(data.manifest).is_file():
         prepare(data)
     return read_manifest(data.manifest, data.emotions)
