@@ -27,6 +27,8 @@ def small_config(folder: Path, *overrides: str):
             f"experiment.output_dir={folder / 'out'}",
             f"experiment.cache_dir={folder / 'cache'}",
             *TINY_BACKBONE,
+            "train.num_workers=1",  # start-up dominates tiny runs; DDP has tests of its own
+            "train.cpus_per_worker=2",
             "gmp.layer=-2",
             "gmp.scales=[4, 8]",
             *overrides,
