@@ -11,11 +11,7 @@ from .atomic import atomic_path
 
 
 def confusion_plot(matrix: np.ndarray, classes: list[str], title: str, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     matrix = np.asarray(matrix)
     recall = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
     fig, ax = plt.subplots(figsize=(4.5, 4))
@@ -36,30 +32,23 @@ def confusion_plot(matrix: np.ndarray, classes: list[str], title: str, path: Pat
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def training_curves(histories: dict[str, list[dict]], title: str, path: Path) -> Path:
     """One panel per stage against the epoch: losses on the left axis, validation scores (UAR, WAR) on the
-    right."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    right (throughput and timings are left to MLflow's metric plots)."""
+    plt = _pyplot()
     fig, axes = plt.subplots(1, len(histories), figsize=(4 * len(histories), 3.2), squeeze=False)
     for ax, (stage, history) in zip(axes[0], histories.items(), strict=True):
         epochs = [row["epoch"] for row in history]
-        names = [k for k in (history[0] if history else {}) if k not in ("epoch", "val_score")]
+        names = history[0] if history else {}
         scores = ax.twinx()
-        for name in names:
-            target = ax if name.endswith("loss") else scores
-            target.plot(epochs, [row[name] for row in history], marker="o", label=name)
+        shown = [n for n in names if n.endswith("loss") or n in ("val_uar", "val_war")]
+        for i, name in enumerate(shown):  # one colour per line across both axes; scores dashed
+            target, style = (ax, "-") if name.endswith("loss") else (scores, "--")
+            values = [row[name] for row in history]
+            target.plot(epochs, values, style, marker="o", color=f"C{i}", label=name)
         ax.set_title(stage)
         ax.set_xlabel("epoch")
         ax.set_ylabel("loss")
@@ -67,9 +56,22 @@ def training_curves(histories: dict[str, list[dict]], title: str, path: Path) ->
         lines = ax.get_lines() + scores.get_lines()
         ax.legend(lines, [line.get_label() for line in lines], fontsize=7)
     fig.suptitle(title)
+    return _save(fig, path)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
+    _pyplot().close(fig)
     return path
