@@ -1,0 +1,99 @@
+"""Stage-1 training throughput with 1 and 2 DDP workers (Ray Train, gloo), side by side in one run.
+
+Both runs train the same stage-1 model (the demo's HuBERT, or HuBERT base's sizes with ``--base``) on the
+same utterances (fold 1's training sessions of the demo corpus) with the same global batch, epochs and
+seed, on the same cores: one worker with all the threads against one single-threaded worker per core.
+Throughput is training utterances per second over the epochs after the first (the training loop alone,
+as ``train_utterances_per_s`` in every epoch's metrics); wall time includes worker start-up and validation.
+
+    .venv/bin/python benchmarks/training.py [--epochs 3] [--base]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from gmpatl_ray.config import load_config  # noqa: E402
+from gmpatl_ray.cv import split_fold  # noqa: E402
+from gmpatl_ray.data.prepare import load_or_prepare  # noqa: E402
+from gmpatl_ray.training import emotion_rows, fit  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--base", action="store_true", help="HuBERT base's sizes instead of the demo's")
+    parser.add_argument("--workdir", default=str(REPO / "outputs" / "benchmarks"))
+    args = parser.parse_args()
+
+    cores = os.cpu_count() or 1
+    base = ["backbone.random_init={}"] if args.base else []
+    config = load_config(
+        REPO / "configs" / "demo.yaml",
+        [
+            f"data.root={args.workdir}/IEMOCAP_demo",
+            f"data.manifest={args.workdir}/manifest.csv",
+            f"stage1.optim.epochs={args.epochs}",
+            *base,
+        ],
+    )
+    split = split_fold(load_or_prepare(config.data), 1, config.train.val_fraction, config.experiment.seed)
+    emotions = config.data.emotions
+    loop = {
+        "config": None,
+        "train": emotion_rows(split.train, emotions),
+        "val": emotion_rows(split.val, emotions),
+    }
+    audio_s = split.train["duration_s"].sum()
+    size = "HuBERT base size" if args.base else "demo HuBERT"
+    print(
+        f"stage 1, {len(split.train)} training utterances ({audio_s:.0f} s of audio), {size}, "
+        f"global batch {config.stage1.optim.batch_size}, {args.epochs} epochs, {cores} cores"
+    )
+
+    import ray
+
+    ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False)
+    results = {}
+    for workers in (1, cores):
+        train = config.train.model_copy(
+            update={"num_workers": workers, "cpus_per_worker": cores // workers, "max_failures": 0}
+        )
+        run = config.model_copy(update={"train": train})
+        with tempfile.TemporaryDirectory() as storage:
+            train = train.model_copy(update={"storage_path": storage})
+            started = time.perf_counter()
+            state = fit(
+                "gmpatl_ray.stages.stage1",
+                "stage1",
+                loop | {"config": run.model_dump(mode="json")},
+                train,
+                name=f"bench-{workers}",
+            )
+            wall = time.perf_counter() - started
+        steady = [h["train_utterances_per_s"] for h in state["history"][1:]] or [
+            state["history"][0]["train_utterances_per_s"]
+        ]
+        results[workers] = (sum(steady) / len(steady), wall, state["history"][-1]["train_loss"])
+    ray.shutdown()
+
+    one, _, _ = results[1]
+    for workers, (rate, wall, loss) in results.items():
+        threads = cores // workers
+        print(
+            f"{workers} worker(s) x {threads} thread(s)  {rate:6.2f} utterances/s  "
+            f"wall {wall:6.1f} s  last train loss {loss:.3f}  ratio {rate / one:.2f}x"
+        )
+
+
+if __name__ == "__main__":
+    main()
