@@ -78,6 +78,17 @@ def ray_head():
         shutil.rmtree(temp, ignore_errors=True)
 
 
+def submit_when_ready(command: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    """``ray job submit``, retried while the head's job agent is still starting (the dashboard port opens
+    first; Ray answers "No available agent to submit job, please try again later")."""
+    for _ in range(30):
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+        if result.returncode == 0 or "No available agent" not in result.stdout + result.stderr:
+            return result
+        time.sleep(2)
+    return result
+
+
 def test_the_demo_cv_runs_as_a_submitted_job(ray_head, small_corpus, tmp_path):
     address, env = ray_head
     folder, _ = small_corpus
@@ -91,7 +102,7 @@ def test_the_demo_cv_runs_as_a_submitted_job(ray_head, small_corpus, tmp_path):
     )
     config_file = tmp_path / "job.yaml"
     config_file.write_text(dump_config(config))
-    submit = subprocess.run(
+    submit = submit_when_ready(
         [
             str(BIN / "ray"),
             "job",
@@ -108,10 +119,7 @@ def test_the_demo_cv_runs_as_a_submitted_job(ray_head, small_corpus, tmp_path):
             "--folds",
             "1",
         ],
-        env={**env, "RAY_AUTH_MODE": "token"},
-        capture_output=True,
-        text=True,
-        timeout=600,
+        {**env, "RAY_AUTH_MODE": "token"},
     )
     assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
     assert "succeeded" in submit.stdout and "fold 1: WAR" in submit.stdout
