@@ -192,3 +192,13 @@ def test_unknown_fold_exits_2(tmp_path):
 def test_every_job_entrypoint_wraps_its_command(job):
     result = run(sys.executable, str(REPO / "jobs" / f"{job}.py"), "--help")
     assert result.returncode == 0 and result.stdout.startswith(f"usage: gmpatl {job}")
+
+
+def test_report_without_runs_exits_2_naming_what_is_missing(tmp_path):
+    config_file = tmp_path / "small.yaml"
+    config_file.write_text(dump_config(small_config(tmp_path, "tracking.experiment=nothing-here")))
+    result = run(str(GMPATL), "report", "--config", str(config_file))
+    assert result.returncode == 2
+    assert "no MLflow experiment 'nothing-here'" in result.stderr
+    swept = run(str(GMPATL), "report", "--config", str(config_file), "--sweep", "none")
+    assert swept.returncode == 2 and "no MLflow experiment 'nothing-here'" in swept.stderr
