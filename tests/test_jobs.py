@@ -35,7 +35,9 @@ def free_port() -> int:
 @pytest.fixture
 def ray_head():
     """A separate Ray head in its own process group (``--block``), so stopping it leaves the test
-    session's own local cluster alone (``ray stop`` would stop every Ray on the machine). Its temp dir
+    session's own local cluster alone (``ray stop`` would stop every Ray on the machine). Every port it
+    would otherwise take at a fixed default is a free one: with the session's cluster already holding the
+    job agent's default port (52365), the head's agent never came up ("No available agent"). Its temp dir
     is short: Ray's Unix sockets live there and their paths may not exceed 107 bytes."""
     dashboard = free_port()
     temp = Path(tempfile.mkdtemp(prefix="rayhead", dir="/tmp"))
@@ -50,6 +52,7 @@ def ray_head():
             "--num-cpus=2",
             "--dashboard-host=127.0.0.1",
             f"--dashboard-port={dashboard}",
+            f"--dashboard-agent-listen-port={free_port()}",
             f"--temp-dir={temp}",
         ],
         env=env,
