@@ -93,6 +93,16 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(cv)
     cv.add_argument("--folds", help="comma-separated folds to run (default: all), e.g. 1,3")
 
+    sweep = commands.add_parser(
+        "sweep", help="Ray Tune sweep over sweep.space: each trial a CV over sweep.folds, tracked in MLflow"
+    )
+    _config_args(sweep)
+    sweep.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue this experiment.name's sweep (Tuner.restore): finished trials kept, failed retried",
+    )
+
     report = commands.add_parser(
         "report", help="print the per-fold WAR/UAR table of a past CV run from MLflow"
     )
@@ -101,6 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--experiment", help="MLflow experiment (default: tracking.experiment)")
     report.add_argument("--sweep", metavar="NAME", help="one row per trial of this sweep (experiment.name)")
     report.add_argument("--csv", metavar="FILE", help="also write the table as CSV")
+
+    sync = commands.add_parser(
+        "tracking-sync", help="send to MLflow what waited out a tracking outage in tracking-offline files"
+    )
+    sync.add_argument("files", nargs="+", type=Path, help="<output_dir>/tracking-offline/*.jsonl")
 
     show = commands.add_parser("config", help="print the fully resolved config (defaults filled in)")
     _config_args(show)
@@ -266,6 +281,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     init_ray()
     table = run_sweep(config, manifest, chosen, resume=args.resume)
     print(table.to_markdown(index=False, floatfmt=".4f"))
+    failed = (table["status"] != "finished").sum()
+    if failed:  # the sweep went on without them; `--resume` retries them
+        print(f"{failed} of {len(table)} trial(s) failed (after sweep.max_failures retries each)")
     return 0
 
 
@@ -290,6 +308,23 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tracking_sync(args: argparse.Namespace) -> int:
+    from .tracking import Tracker
+
+    waiting = 0
+    for path in args.files:
+        if not path.is_file():
+            raise InputError(f"{path}: no such tracking-offline file (already sent?)")
+        tracker = Tracker.from_offline_file(path)
+        count = len(tracker.pending)
+        if tracker.flush():
+            print(f"{path}: sent {count} record(s) to {tracker.uri}")
+        else:
+            waiting += 1
+            print(f"{path}: {tracker.uri} is still unreachable; {len(tracker.pending)} record(s) wait")
+    return 1 if waiting else 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     print(dump_config(_load(args)), end="")
     return 0
@@ -303,6 +338,7 @@ COMMANDS = {
     "cv": cmd_cv,
     "sweep": cmd_sweep,
     "report": cmd_report,
+    "tracking-sync": cmd_tracking_sync,
     "config": cmd_config,
 }
 
