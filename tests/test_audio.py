@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from gmpatl_ray.data.audio import AudioError, audio_info, load_audio
+from gmpatl_ray.data.audio import AudioError, audio_info, check_audio, load_audio
 
 
 def tone(rate: int, seconds: float = 0.5, freq: float = 440.0) -> np.ndarray:
@@ -88,3 +88,31 @@ def test_nan_samples(tmp_path):
     sf.write(path, data, 16000, subtype="FLOAT")
     with pytest.raises(AudioError, match=rf"{path}: contains NaN or infinite samples"):
         load_audio(path)
+
+
+def test_truncated_data_is_caught_from_the_header(tmp_path):
+    path = tmp_path / "cut.wav"
+    sf.write(path, tone(16000, seconds=1.0), 16000, subtype="PCM_16")
+    path.write_bytes(path.read_bytes()[:20000])  # a copy that stopped half way: libsndfile still reads it
+    with pytest.raises(
+        AudioError,
+        match=rf"{path}: truncated: the header declares 32000 bytes of audio, "
+        "the file holds 19956",
+    ):
+        audio_info(path)
+
+
+def test_infinite_samples(tmp_path):
+    path = tmp_path / "inf.wav"
+    data = tone(16000)
+    data[7] = -np.inf
+    sf.write(path, data, 16000, subtype="FLOAT")
+    with pytest.raises(AudioError, match=rf"{path}: contains NaN or infinite samples"):
+        load_audio(path)
+
+
+def test_digital_silence(tmp_path):
+    path = tmp_path / "silent.wav"
+    sf.write(path, np.zeros((16000, 2), dtype=np.int16), 16000)
+    with pytest.raises(AudioError, match=rf"{path}: silent: every sample is 0"):
+        check_audio(path)

@@ -98,21 +98,27 @@ def test_every_problem_is_listed_at_once_and_nothing_written(small_release, tmp_
         "\n[9.0000 - 9.5000]\tSes01F_impro01_F901\tjoy\t[2.5000, 2.5000, 2.5000]\n"
         f"\n[1.0000 - 2.0000]\t{first_utt}\tneu\t[2.5000, 2.5000, 2.5000]\n"
     )
-    wavs = sorted((small_release / "Session2" / "sentences" / "wav").rglob("*_F000.wav"))
+    wavs = sorted((small_release / "Session2" / "sentences" / "wav").rglob("*_[FM]000.wav"))[:6]  # labelled
     wavs[0].unlink()  # missing
     wavs[1].write_bytes(b"")  # zero bytes
     wavs[2].write_bytes(b"RIFF\x00\x00garbage" * 8)  # bad header
+    wavs[3].write_bytes(wavs[3].read_bytes()[:-300])  # truncated data
+    sf.write(wavs[4], np.zeros(400, dtype=np.int16), 16000)  # digital silence
+    sf.write(wavs[5], np.full(400, np.inf, dtype=np.float32), 16000, subtype="FLOAT")  # inf samples
 
     out = tmp_path / "out" / "manifest.csv"
     code = main(["prepare", "iemocap", "--root", str(small_release), "--out", str(out)])
     err = capsys.readouterr().err
     assert code == 2 and not out.exists()
-    assert "6 problem(s)" in err
+    assert "9 problem(s)" in err
     assert f"{label_file}:" in err and "malformed line" in err
     assert "unknown emotion label 'joy' for Ses01F_impro01_F901" in err
     assert f"{wavs[0]}: file not found" in err
     assert f"{wavs[1]}: empty file (0 bytes)" in err
     assert f"{wavs[2]}: unreadable audio header" in err
+    assert f"{wavs[3]}: truncated: the header declares 800 bytes of audio, the file holds 500" in err
+    assert f"{wavs[4]}: silent: every sample is 0" in err
+    assert f"{wavs[5]}: contains NaN or infinite samples" in err
     assert f"duplicate utterance id {first_utt}" in err
 
 
@@ -134,7 +140,7 @@ def test_skip_writes_the_rest_and_keeps_the_list(small_release, tmp_path, capsys
     assert len(manifest) == complete and wav.stem not in set(manifest["utt_id"])
 
     wav.unlink()
-    sf.write(wav, np.zeros(400, dtype=np.int16), 16000)  # fixed: a clean rerun removes the stale list
+    sf.write(wav, np.ones(400, dtype=np.int16), 16000)  # fixed: a clean rerun removes the stale list
     assert main(["prepare", "iemocap", "--root", str(small_release), "--out", str(out)]) == 0
     assert not skipped.exists() and len(pd.read_csv(out)) == complete + 1
 
@@ -168,6 +174,6 @@ def test_a_folder_that_is_not_a_release(tmp_path, capsys):
 
 def test_a_wav_shorter_than_one_frame_is_a_problem(small_release):
     wav = sorted((small_release / "Session1" / "sentences" / "wav").rglob("*_F000.wav"))[0]
-    sf.write(wav, np.zeros(100, dtype=np.int16), 16000)
+    sf.write(wav, np.ones(100, dtype=np.int16), 16000)
     problems = scan_iemocap(small_release, EMOTIONS, {"exc": "hap"}).problems
     assert [str(p) for p in problems] == [f"{wav}: shorter than one HuBERT frame (25 ms)"]

@@ -18,7 +18,7 @@ EMOTIONS = ["ang", "hap", "neu", "sad"]
 def write_wavs(folder: Path, names: list[str], seconds: float = 0.5) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for name in names:
-        sf.write(folder / name, np.zeros(int(16000 * seconds), dtype=np.int16), 16000)
+        sf.write(folder / name, np.ones(int(16000 * seconds), dtype=np.int16), 16000)
 
 
 @pytest.fixture
@@ -124,7 +124,7 @@ def test_read_manifest_checks_columns_and_files(corpus):
 
 
 def test_audio_shorter_than_one_hubert_frame(corpus, capsys):
-    sf.write(corpus / "audio" / "tiny.wav", np.zeros(200, dtype=np.int16), 16000)  # 12.5 ms
+    sf.write(corpus / "audio" / "tiny.wav", np.ones(200, dtype=np.int16), 16000)  # 12.5 ms
     text = (corpus / "mine.csv").read_text() + "u9,audio/tiny.wav,neu,F,C\n"
     (corpus / "short.csv").write_text(text)
     assert (

@@ -36,14 +36,47 @@ def audio_info(path: str | Path) -> sf._SoundFileInfo:
         raise AudioError(path, f"unreadable audio header ({err})") from None
     if info.frames == 0:
         raise AudioError(path, "no audio samples (0 frames)")
+    if info.format in ("WAV", "WAVEX"):
+        _check_wav_data_size(path)
     return info
+
+
+def check_audio(path: str | Path) -> sf._SoundFileInfo:
+    """:func:`audio_info` plus a full decode at the file's own rate, so a corpus is checked for
+    undecodable, NaN/inf and silent files once, when it is prepared, not hours into training."""
+    info = audio_info(path)
+    load_audio(path, info.samplerate, resample=False)
+    return info
+
+
+def _check_wav_data_size(path: Path) -> None:
+    """A wav cut short (a copy or download that stopped) still decodes: libsndfile reads what is there.
+    The ``data`` chunk's declared size says how much should be there."""
+    with open(path, "rb") as f:
+        header = f.read(12)
+        if header[:4] != b"RIFF" or header[8:12] != b"WAVE":
+            return  # RF64 and friends: no 32-bit sizes to compare
+        while chunk := f.read(8):
+            if len(chunk) < 8:
+                break
+            size = int.from_bytes(chunk[4:8], "little")
+            if chunk[:4] == b"data":
+                present = path.stat().st_size - f.tell()
+                if size != 0xFFFFFFFF and present < size:
+                    raise AudioError(
+                        path,
+                        f"truncated: the header declares {size} bytes of audio, the file holds {present}",
+                    )
+                return
+            f.seek(size + size % 2, 1)  # chunks are word-aligned
 
 
 def load_audio(path: str | Path, sample_rate: int = 16000, resample: bool = True) -> np.ndarray:
     """Decode ``path`` to a float32 mono waveform at ``sample_rate``.
 
     Channels are averaged; another rate is resampled with torchaudio (band-limited sinc) unless
-    ``resample`` is false, in which case it is an error. NaN or infinite samples are an error.
+    ``resample`` is false, in which case it is an error. NaN or infinite samples, and digital silence
+    (every sample 0), are errors.
     """
     info = audio_info(path)
     if info.samplerate != sample_rate and not resample:
@@ -56,6 +89,8 @@ def load_audio(path: str | Path, sample_rate: int = 16000, resample: bool = True
         raise AudioError(path, "no audio samples (0 frames)")
     if not np.isfinite(data).all():
         raise AudioError(path, "contains NaN or infinite samples")
+    if not data.any():
+        raise AudioError(path, "silent: every sample is 0")
     wave = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
     if rate != sample_rate:
         import torch  # here, not at the top: reading manifests and headers should not load torch

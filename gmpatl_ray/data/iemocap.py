@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .audio import AudioError, audio_info
+from .audio import AudioError, check_audio
 from .manifest import COLUMNS, MIN_DURATION_S, Problem
 
 LABELS = ("ang", "hap", "exc", "neu", "sad", "fru", "sur", "fea", "dis", "oth", "xxx")
@@ -128,7 +128,7 @@ def scan_iemocap(root: str | Path, emotions: list[str], merge: dict[str, str]) -
                 dialog = utt_id.rsplit("_", 1)[0]
                 wav = session_dir / "sentences" / "wav" / dialog / f"{utt_id}.wav"
                 try:
-                    info = audio_info(wav)
+                    info = check_audio(wav)
                 except AudioError as err:
                     problems.append(Problem(err.path, f"{err.problem} (labelled at {where})", utt_id))
                     continue

@@ -26,7 +26,7 @@ import pandas as pd
 
 from ..atomic import atomic_path
 from ..errors import InputError
-from .audio import AudioError, audio_info
+from .audio import AudioError, audio_info, check_audio
 
 COLUMNS = ("utt_id", "path", "session", "speaker", "gender", "emotion", "duration_s")
 REQUIRED_INPUT_COLUMNS = ("utt_id", "path", "gender", "emotion")
@@ -124,12 +124,14 @@ def _positive_number(value) -> bool:
         return False
 
 
-def check_audio_files(manifest: pd.DataFrame) -> list[Problem]:
-    """A header read of every audio file: missing, empty and unreadable files become problems."""
+def check_audio_files(manifest: pd.DataFrame, decode: bool) -> list[Problem]:
+    """Every audio file checked: missing, empty, unreadable and truncated files become problems, and
+    with ``decode`` (when a corpus is prepared) also undecodable, NaN/inf and silent ones."""
     problems = []
+    check = check_audio if decode else audio_info
     for row in manifest.itertuples(index=False):
         try:
-            audio_info(row.path)
+            check(row.path)
         except AudioError as err:
             problems.append(Problem(err.path, err.problem, row.utt_id))
     return problems
@@ -147,7 +149,7 @@ def read_manifest(path: str | Path, emotions: Iterable[str], check_files: bool =
     if not problems:
         manifest = manifest.assign(path=[str(_resolve(p, path.parent)) for p in manifest["path"]])
         if check_files:
-            problems = check_audio_files(manifest)
+            problems = check_audio_files(manifest, decode=False)
     if problems:
         raise ManifestError(problems, str(path))
     return manifest
@@ -176,14 +178,14 @@ def complete_manifest(table: pd.DataFrame, where: str) -> tuple[pd.DataFrame, li
         durations = []
         for row in table.itertuples(index=False):
             try:
-                info = audio_info(row.path)
+                info = check_audio(row.path)
                 durations.append(info.frames / info.samplerate)
             except AudioError as err:
                 problems.append(Problem(err.path, err.problem, row.utt_id))
                 durations.append(float("nan"))
         table["duration_s"] = durations
     else:
-        problems += check_audio_files(table)
+        problems += check_audio_files(table, decode=True)
     extra = [c for c in table.columns if c not in COLUMNS]
     return table[list(COLUMNS) + extra], problems
 
