@@ -7,7 +7,9 @@ file of the artifact has been written into a temporary folder that is then renam
 * a crash mid-build leaves a ``.tmp-*`` folder that nothing reads (and the next build removes);
 * a truncated or altered file is caught by the sizes and checksums in the marker, and the artifact is
   rebuilt instead of trusted;
-* two runs that need the same missing artifact take a file lock: the second waits and reuses the first's.
+* two runs that need the same missing artifact take a file lock: the second waits and reuses the first's;
+* the marker names the fingerprint it was built for, and a folder holding another fingerprint's artifact
+  (copied or moved by hand) is refused with :class:`ArtifactMismatch` rather than used for this config.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any
 from filelock import FileLock
 
 from .atomic import atomic_write_text
+from .errors import InputError
 
 MARKER = "_COMPLETE.json"
 
@@ -41,6 +44,10 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+class ArtifactMismatch(InputError):
+    """A cache folder whose marker says it was built for another fingerprint than its name."""
 
 
 @dataclass(frozen=True)
@@ -63,13 +70,21 @@ class ArtifactCache:
     def load(self, kind: str, key: str, verify: bool = True) -> Artifact | None:
         """The complete artifact, or None when it is missing, unfinished, truncated or altered.
 
-        Sizes are always checked; ``verify`` also recomputes every file's checksum (reads it all).
+        Sizes are always checked; ``verify`` also recomputes every file's checksum (reads it all). A
+        marker from before markers named their fingerprint counts as unfinished (the artifact is rebuilt).
         """
         folder = self.folder(kind, key)
         try:
             marker = json.loads((folder / MARKER).read_text())
         except (OSError, ValueError):
             return None
+        if marker.get("key") is None:
+            return None
+        if marker["key"] != key or marker["kind"] != kind:
+            raise ArtifactMismatch(
+                f"{folder}: holds the {marker['kind']} built for fingerprint {marker['key']}, not {kind} "
+                f"{key} (another config's artifact, copied here?); refusing it. Remove the folder to rebuild."
+            )
         for name, expected in marker["files"].items():
             path = folder / name
             if not path.is_file() or path.stat().st_size != expected["size"]:
@@ -106,7 +121,10 @@ class ArtifactCache:
                     for p in sorted(tmp.rglob("*"))
                     if p.is_file()
                 }
-                atomic_write_text(tmp / MARKER, json.dumps({"files": files, "meta": meta}, indent=1))
+                atomic_write_text(
+                    tmp / MARKER,
+                    json.dumps({"kind": kind, "key": key, "files": files, "meta": meta}, indent=1),
+                )
                 if final.exists():  # an unfinished or corrupt earlier build
                     shutil.rmtree(final)
                 os.replace(tmp, final)

@@ -23,6 +23,7 @@ from torch.utils.data import Dataset
 
 from .config import Config, TrainConfig
 from .data.audio import load_audio
+from .errors import InputError
 
 CHECKPOINT_FILE = "state.pt"
 
@@ -87,8 +88,32 @@ def save_state(folder: Path, state: dict[str, Any]) -> None:
     torch.save(state, folder / CHECKPOINT_FILE)
 
 
-def load_state(folder: str | Path) -> dict[str, Any]:
-    return torch.load(Path(folder) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+class CheckpointMismatch(InputError):
+    """A checkpoint written by another stage run (another config fingerprint) than the one loading it."""
+
+
+def load_state(folder: str | Path, fingerprint: str) -> dict[str, Any]:
+    """The state in ``folder``, refused unless it was written by the run ``fingerprint``: resuming from
+    another config's checkpoint would silently mix two experiments. Never unpickles code."""
+    path = Path(folder) / CHECKPOINT_FILE
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state.get("fingerprint") != fingerprint:
+        raise CheckpointMismatch(
+            f"{path}: written by stage run {state.get('fingerprint')!r}, not {fingerprint!r} "
+            "(a checkpoint of another config); refusing to load it"
+        )
+    return state
+
+
+def run_record(state: dict[str, Any]) -> dict[str, Any]:
+    """What a stage artifact records of its training run: the best epoch, the per-epoch history, the
+    optimizer steps taken and the epochs at which a restarted run resumed from a checkpoint."""
+    return {
+        "best_epoch": state["best"]["epoch"],
+        "history": state["history"],
+        "steps": state["steps"],
+        "resumed_at_epochs": state["resumes"],
+    }
 
 
 def prepare_backbone(backbone: torch.nn.Module, config: Config, masking: bool = False) -> None:
@@ -186,13 +211,15 @@ def train_fn(loop: dict[str, Any]) -> None:
     model = recipe.build_model(config, loop)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=optim.lr)
     start, best, history = 0, {"score": float("-inf"), "epoch": -1, "model": {}}, []
+    steps, resumes = 0, []
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
+    if checkpoint:  # a restarted worker group, or a rerun of an interrupted stage: go on where it was
         with checkpoint.as_directory() as folder:
-            state = load_state(folder)
+            state = load_state(folder, loop["fingerprint"])
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start, best, history = state["epoch"] + 1, state["best"], state["history"]
+        steps, resumes = state["steps"], [*state["resumes"], start]
     model = ray.train.torch.prepare_model(model)
     dataset = recipe.dataset(config, loop, loop["train"], train=True)
     context = ray.train.get_context()
@@ -222,6 +249,7 @@ def train_fn(loop: dict[str, Any]) -> None:
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+            steps += 1
             total, count = total + loss.item() * len(batch["lengths"]), count + len(batch["lengths"])
         seconds = time.perf_counter() - started
         if context.get_world_size() > 1:  # the loss over every worker's share of the epoch
@@ -231,6 +259,7 @@ def train_fn(loop: dict[str, Any]) -> None:
         metrics = {
             "epoch": epoch,
             "train_loss": total / count,
+            "steps": steps,
             "train_seconds": seconds,
             "train_utterances_per_s": len(dataset) / seconds,
         }
@@ -245,7 +274,12 @@ def train_fn(loop: dict[str, Any]) -> None:
                         "model": unwrap(model).state_dict(),
                     }
                 state = {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict()}
-                save_state(Path(folder), state | {"epoch": epoch, "best": best, "history": history})
+                save_state(
+                    Path(folder),
+                    state
+                    | {"epoch": epoch, "best": best, "history": history, "steps": steps, "resumes": resumes}
+                    | {"fingerprint": loop["fingerprint"]},
+                )
             ray.train.report(
                 metrics, checkpoint=ray.train.Checkpoint.from_directory(folder) if rank == 0 else None
             )
@@ -259,7 +293,7 @@ def fit(recipe: str, section: str, loop: dict[str, Any], train: TrainConfig, nam
 
     trainer = TorchTrainer(
         train_fn,
-        train_loop_config={**loop, "recipe": recipe, "section": section},
+        train_loop_config={**loop, "recipe": recipe, "section": section, "fingerprint": name},
         scaling_config=ScalingConfig(
             num_workers=train.num_workers,
             use_gpu=train.use_gpu,
@@ -273,4 +307,4 @@ def fit(recipe: str, section: str, loop: dict[str, Any], train: TrainConfig, nam
     )
     result = trainer.fit()
     with result.checkpoint.as_directory() as folder:
-        return load_state(folder)
+        return load_state(folder, name)

@@ -1,14 +1,16 @@
-"""The artifact cache: atomic builds, corrupt artifacts rebuilt, one build for concurrent claimants."""
+"""The artifact cache: atomic builds, corrupt artifacts rebuilt, one build for concurrent claimants,
+another fingerprint's artifact refused."""
 
 from __future__ import annotations
 
 import multiprocessing
+import shutil
 import time
 from pathlib import Path
 
 import pytest
 
-from gmpatl_ray.artifacts import MARKER, ArtifactCache, fingerprint
+from gmpatl_ray.artifacts import MARKER, ArtifactCache, ArtifactMismatch, fingerprint
 
 
 def write_two_files(folder: Path) -> dict:
@@ -49,6 +51,7 @@ def test_a_crashed_build_leaves_nothing_that_is_trusted(tmp_path):
     assert built
 
 
+@pytest.mark.faults
 @pytest.mark.parametrize("damage", ["truncate", "flip", "delete", "marker"])
 def test_damaged_artifacts_are_rebuilt(tmp_path, damage):
     cache = ArtifactCache(tmp_path)
@@ -77,6 +80,7 @@ def _slow_builder(root: str, log: str) -> None:
     ArtifactCache(root).get_or_build("kind", "shared", build)
 
 
+@pytest.mark.faults
 def test_concurrent_claimants_build_once(tmp_path):
     log = tmp_path / "builds.log"
     ctx = multiprocessing.get_context("spawn")
@@ -88,3 +92,12 @@ def test_concurrent_claimants_build_once(tmp_path):
     assert [w.exitcode for w in workers] == [0, 0, 0]
     assert log.read_text() == "build\n"
     assert ArtifactCache(tmp_path / "cache").load("kind", "shared") is not None
+
+
+def test_another_fingerprints_artifact_is_refused(tmp_path):
+    cache = ArtifactCache(tmp_path)
+    artifact, _ = cache.get_or_build("gmps", "aaaa", write_two_files)
+    shutil.copytree(artifact.path, tmp_path / "gmps" / "bbbb")  # a store copied in from another config
+    message = rf"{tmp_path / 'gmps' / 'bbbb'}: holds the gmps built for fingerprint aaaa, not gmps bbbb"
+    with pytest.raises(ArtifactMismatch, match=message):
+        cache.get_or_build("gmps", "bbbb", lambda folder: pytest.fail("must not build over it"))

@@ -29,6 +29,7 @@ from ..training import (
     emotion_scores,
     fit,
     prepare_backbone,
+    run_record,
     save_model,
     stage_inputs,
 )
@@ -97,9 +98,8 @@ def run_stage1(config: Config, split: FoldSplit, cache: ArtifactCache) -> tuple[
         save_model(model, folder)
         return {
             "inputs": inputs,
-            "best_epoch": state["best"]["epoch"],
+            **run_record(state),
             "best_val_uar": state["best"]["score"],
-            "history": state["history"],
         }
 
     return cache.get_or_build(KIND, key, build)

@@ -30,7 +30,15 @@ from ..gmp import GMPStore
 from ..models.backbone import frame_counts, hubert_layers, load_backbone
 from ..models.heads import FrameHeads
 from ..models.masking import span_mask
-from ..training import batches, fit, prepare_backbone, save_model, stage_inputs, training_crop
+from ..training import (
+    batches,
+    fit,
+    prepare_backbone,
+    run_record,
+    save_model,
+    stage_inputs,
+    training_crop,
+)
 
 KIND = "stage2"
 
@@ -158,6 +166,6 @@ def run_stage2(
         model = build_model(config, loop)
         model.load_state_dict(state["best"]["model"])
         save_model(model, folder)
-        return {"inputs": inputs, "best_epoch": state["best"]["epoch"], "history": state["history"]}
+        return {"inputs": inputs, **run_record(state)}
 
     return cache.get_or_build(KIND, key, build)

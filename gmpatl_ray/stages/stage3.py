@@ -30,6 +30,7 @@ from ..training import (
     emotion_scores,
     fit,
     prepare_backbone,
+    run_record,
     save_model,
     stage_inputs,
 )
@@ -119,9 +120,8 @@ def run_stage3(
         save_model(model, folder)
         return {
             "inputs": inputs,
-            "best_epoch": state["best"]["epoch"],
+            **run_record(state),
             "best_val_uar": state["best"]["score"],
-            "history": state["history"],
             "test": {
                 "war": test["war"],
                 "uar": test["uar"],
