@@ -1,20 +1,33 @@
-"""MLflow tracking that never kills training.
+"""MLflow tracking that never kills training and never loses what it was asked to log.
 
-Every call goes through :meth:`Tracker._safe`: if the tracking server is unreachable or errors, the run
-warns once, appends what it could not log to ``<output_dir>/tracking-offline.jsonl`` (so nothing is lost)
-and carries on. Runs are addressed by id through ``MlflowClient``, so nested runs (a CV parent, a child per
-fold) need no global "active run".
+Every call becomes a record (start a run, params, metrics, tags, an artifact, end a run) sent at once
+through ``MlflowClient``. When the tracking server is unreachable or errors, the run warns once per outage,
+keeps the record in order in a local file named in the warning (``<output_dir>/tracking-offline/*.jsonl``)
+and carries on; every later call first tries to send what waits (at most once per ``retry_after_s``), so
+what was logged while the server was away reaches it when it is back, and the file is removed once empty.
+A file left by a process that ended before the server came back is sent by ``gmpatl tracking-sync``.
+
+Runs started while the server is away get a local handle (``offline-...``) that the replay maps to the
+real run id, so the run tree comes out as if the server had never left. Runs are addressed by id, so
+nested runs (a CV parent, a child per fold) need no global "active run". Values of secret-looking
+environment variables (tokens, passwords) are never logged, whatever param or tag carries them.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
+import uuid
 import warnings
 from pathlib import Path
 from typing import Any
 
-SECRET_MARKERS = ("token", "password", "secret", "key")
+from .atomic import atomic_write_text
+
+SECRET_MARKERS = ("token", "password", "passwd", "secret", "key", "credential")
+UNFINISHED = ("RUNNING", "FAILED", "KILLED", "SCHEDULED")
+RESUMED_TAG = "gmpatl.resumed"
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -38,73 +51,105 @@ def tracking_uri(uri: str | None, output_dir: str | Path) -> str:
     )
 
 
+def is_secret_name(name: str) -> bool:
+    return any(marker in name.lower() for marker in SECRET_MARKERS)
+
+
+def environment_secrets() -> list[str]:
+    """Values of environment variables whose names say they are secret (long enough to be one)."""
+    return [v for k, v in os.environ.items() if is_secret_name(k) and len(v) >= 6]
+
+
+def without_secrets(values: dict[str, Any], secrets: list[str]) -> dict[str, str]:
+    """``values`` as strings, minus keys that name a secret and values that contain one."""
+    return {
+        k: str(v)
+        for k, v in values.items()
+        if not is_secret_name(k) and not any(s in str(v) for s in secrets)
+    }
+
+
 class Tracker:
-    def __init__(self, experiment: str, uri: str | None, output_dir: str | Path):
-        self.offline = Path(output_dir) / "tracking-offline.jsonl"
-        self.warned = False
-        self.client = None
-        self.experiment_id = None
+    def __init__(
+        self,
+        experiment: str,
+        uri: str | None,
+        output_dir: str | Path,
+        retry_after_s: float = 30.0,
+        offline: Path | None = None,
+    ):
         output_dir = Path(output_dir).resolve()
         output_dir.mkdir(parents=True, exist_ok=True)
+        self.experiment = experiment
         self.uri = tracking_uri(uri, output_dir)
-
-        def connect() -> None:
-            from mlflow import MlflowClient
-
-            self.client = MlflowClient(tracking_uri=self.uri)
-            found = self.client.get_experiment_by_name(experiment)
-            self.experiment_id = (
-                found.experiment_id
-                if found
-                else self.client.create_experiment(
-                    experiment, artifact_location=(output_dir / "mlartifacts").as_uri()
-                )
-            )
-
-        self._safe("connect", {"experiment": experiment, "uri": self.uri}, connect)
-
-    def _safe(self, what: str, payload: dict[str, Any], call) -> Any:
+        self.artifact_root = (output_dir / "mlartifacts").as_uri()
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        name = f"{stamp}-{os.getpid()}-{uuid.uuid4().hex[:6]}.jsonl"
+        self.offline = offline or output_dir / "tracking-offline" / name
+        self.retry_after_s = retry_after_s
+        self.pending: list[dict[str, Any]] = []
+        self.ids: dict[str, str] = {}  # offline handle -> MLflow run id, filled when the start is sent
+        self.secrets = environment_secrets()
+        self.client = None
+        self.experiment_id: str | None = None
+        self.retry_at = 0.0
+        self.outage = False
         try:
-            return call()
+            self._connect()
         except Exception as err:  # tracking must never stop training
-            if not self.warned:
-                warnings.warn(
-                    f"MLflow at {self.uri} failed ({err}); continuing, unlogged data goes to {self.offline}",
-                    stacklevel=3,
-                )
-                self.warned = True
-            with open(self.offline, "a") as f:
-                f.write(json.dumps({"call": what, **payload}, default=str) + "\n")
+            self._went_offline(err)
+
+    @classmethod
+    def from_offline_file(cls, path: str | Path) -> Tracker:
+        """A tracker holding what ``path`` (a file left by an earlier process) still has to send."""
+        path = Path(path)
+        lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        header, records = lines[0]["tracker"], lines[1:]
+        tracker = cls(header["experiment"], header["uri"], path.parent.parent, offline=path)
+        tracker.pending, tracker.ids = records, header["ids"]
+        return tracker
+
+    # -- the public calls -------------------------------------------------------------------------------
+
+    def start(self, name: str, parent: str | None = None, tags: dict[str, str] | None = None) -> str:
+        """A new run (a child of ``parent`` if given); returns its id, or a handle while offline."""
+        handle = f"offline-{uuid.uuid4().hex}"
+        record = {"call": "start", "run": handle, "name": name, "parent": parent, "tags": tags or {}}
+        self._submit(record)
+        return self.ids.get(handle, handle)
+
+    def find(self, name: str, parent: str | None, tags: dict[str, str]) -> tuple[str, str] | None:
+        """(id, status) of the latest run named ``name`` under ``parent`` (None: a top-level run) whose
+        tags include ``tags``; None when there is none or the server cannot be asked."""
+        if self.client is None or self.pending or (parent or "").startswith("offline-"):
             return None
+        clauses = [f"attributes.run_name = '{name}'"] + [f"tags.`{k}` = '{v}'" for k, v in tags.items()]
+        if parent:
+            clauses.append(f"tags.`mlflow.parentRunId` = '{parent}'")
+        try:
+            runs = self.client.search_runs(
+                [self.experiment_id], " and ".join(clauses), order_by=["attributes.start_time DESC"]
+            )
+        except Exception as err:
+            self._went_offline(err)
+            return None
+        run = next((r for r in runs if parent or "mlflow.parentRunId" not in r.data.tags), None)
+        return (run.info.run_id, run.info.status) if run else None
 
-    def start(self, name: str, parent: str | None = None, tags: dict[str, str] | None = None) -> str | None:
-        tags = {**(tags or {}), **({"mlflow.parentRunId": parent} if parent else {})}
-
-        def create() -> str:
-            return self.client.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id
-
-        return self._safe("start", {"name": name, "parent": parent}, create) if self.client else None
+    def resume(self, run: str) -> None:
+        """Mark an interrupted run as running again, and as resumed."""
+        self.tags(run, {RESUMED_TAG: "true"})
+        self._submit({"call": "end", "run": run, "status": "RUNNING"})
 
     def params(self, run: str | None, params: dict[str, Any]) -> None:
-        safe = {k: v for k, v in params.items() if not any(m in k.lower() for m in SECRET_MARKERS)}
+        self._submit({"call": "params", "run": run, "params": without_secrets(params, self.secrets)})
 
-        def log() -> None:
-            from mlflow.entities import Param
-
-            self.client.log_batch(run, params=[Param(k, str(v)[:6000]) for k, v in safe.items()])
-
-        self._safe("params", {"run": run, "params": safe}, log)
+    def tags(self, run: str | None, tags: dict[str, Any]) -> None:
+        self._submit({"call": "tags", "run": run, "tags": without_secrets(tags, self.secrets)})
 
     def metrics(self, run: str | None, metrics: dict[str, float], step: int = 0) -> None:
-        def log() -> None:
-            import time
-
-            from mlflow.entities import Metric
-
-            now = int(time.time() * 1000)
-            self.client.log_batch(run, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
-
-        self._safe("metrics", {"run": run, "metrics": metrics, "step": step}, log)
+        record = {"call": "metrics", "run": run, "metrics": metrics, "step": step, "time": _now_ms()}
+        self._submit(record)
 
     def history(self, run: str | None, epochs: list[dict[str, Any]]) -> None:
         """Per-epoch metrics (``{"epoch": 0, "train_loss": ...}`` rows), stepped by epoch, so MLflow plots
@@ -115,13 +160,109 @@ class Tracker:
 
     def artifact(self, run: str | None, path: Path, folder: str | None = None) -> None:
         """Log a file, or a directory's files, under the run's artifacts (inside ``folder`` if given)."""
-        path = Path(path)
-
-        def log() -> None:
-            upload = self.client.log_artifacts if path.is_dir() else self.client.log_artifact
-            upload(run, str(path), folder)
-
-        self._safe("artifact", {"run": run, "path": str(path), "folder": folder}, log)
+        self._submit({"call": "artifact", "run": run, "path": str(Path(path).resolve()), "folder": folder})
 
     def end(self, run: str | None, status: str = "FINISHED") -> None:
-        self._safe("end", {"run": run}, lambda: self.client.set_terminated(run, status))
+        self._submit({"call": "end", "run": run, "status": status})
+
+    def flush(self) -> bool:
+        """Send every waiting record, in order; True when nothing waits any more."""
+        sent = 0
+        while self.pending:
+            try:
+                self._send(self.pending[0])
+            except Exception as err:
+                self._went_offline(err)
+                self._save_pending()
+                return False
+            self.pending.pop(0)
+            sent += 1
+        self._save_pending()
+        if sent:
+            warnings.warn(
+                f"MLflow at {self.uri} is reachable again: sent {sent} records that waited", stacklevel=2
+            )
+        self.outage = False
+        return True
+
+    # -- sending -------------------------------------------------------------------------------------
+
+    def _submit(self, record: dict[str, Any]) -> None:
+        if self.pending and time.monotonic() >= self.retry_at:
+            self.flush()
+        if not self.pending:
+            try:
+                self._send(record)
+                return
+            except Exception as err:  # tracking must never stop training
+                self._went_offline(err)
+        self.pending.append(record)
+        self._save_pending()
+
+    def _connect(self) -> None:
+        from mlflow import MlflowClient
+
+        client = MlflowClient(tracking_uri=self.uri)
+        found = client.get_experiment_by_name(self.experiment)
+        self.experiment_id = (
+            found.experiment_id
+            if found
+            else client.create_experiment(self.experiment, artifact_location=self.artifact_root)
+        )
+        self.client = client
+
+    def _send(self, record: dict[str, Any]) -> None:
+        from mlflow.entities import Metric, Param, RunTag
+
+        if self.client is None:
+            self._connect()
+        call, run = record["call"], self.ids.get(record.get("run"), record.get("run"))
+        if call == "start":
+            parent = record["parent"]
+            tags = record["tags"] | ({"mlflow.parentRunId": self.ids.get(parent, parent)} if parent else {})
+            created = self.client.create_run(self.experiment_id, run_name=record["name"], tags=tags)
+            self.ids[record["run"]] = created.info.run_id
+        elif call == "params":
+            params = [Param(k, v[:6000]) for k, v in record["params"].items()]
+            self.client.log_batch(run, params=params)
+        elif call == "tags":
+            self.client.log_batch(run, tags=[RunTag(k, v) for k, v in record["tags"].items()])
+        elif call == "metrics":
+            metrics = [
+                Metric(k, float(v), record["time"], record["step"]) for k, v in record["metrics"].items()
+            ]
+            self.client.log_batch(run, metrics=metrics)
+        elif call == "artifact":
+            path = Path(record["path"])
+            upload = self.client.log_artifacts if path.is_dir() else self.client.log_artifact
+            upload(run, str(path), record["folder"])
+        elif call == "end":
+            if record["status"] == "RUNNING":
+                self.client.update_run(run, status="RUNNING")
+            else:
+                self.client.set_terminated(run, record["status"])
+        else:
+            raise ValueError(f"{self.offline}: unknown tracking record {call!r}")
+
+    def _went_offline(self, err: Exception) -> None:
+        self.retry_at = time.monotonic() + self.retry_after_s
+        if not self.outage:
+            warnings.warn(
+                f"MLflow at {self.uri} failed ({err}); training goes on, and what is not logged waits in "
+                f"{self.offline} until the server is back (or `gmpatl tracking-sync {self.offline}`)",
+                stacklevel=4,
+            )
+            self.outage = True
+
+    def _save_pending(self) -> None:
+        """The waiting records, rewritten atomically (the file exists exactly while something waits)."""
+        if not self.pending:
+            self.offline.unlink(missing_ok=True)
+            return
+        header = {"tracker": {"experiment": self.experiment, "uri": self.uri, "ids": self.ids}}
+        lines = [json.dumps(header)] + [json.dumps(r, default=str) for r in self.pending]
+        atomic_write_text(self.offline, "\n".join(lines) + "\n")
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)

@@ -33,17 +33,22 @@ def test_parent_and_child_runs_in_a_real_store(tmp_path):
     assert by_name["fold-1"].data.metrics == {"test_uar": 0.5}
     assert by_name["cv"].data.params == {"stage1.alpha_e": "0.9"}  # no secrets
     assert [a.path for a in client.list_artifacts(parent)] == ["table.csv"]
-    assert not (tmp_path / "tracking-offline.jsonl").exists()
+    assert not (tmp_path / "tracking-offline").exists()
 
 
 def test_an_unreachable_server_warns_and_keeps_the_data(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
-    with pytest.warns(UserWarning, match="MLflow at http://127.0.0.1:9 failed"):
+    with pytest.warns(
+        UserWarning, match=r"MLflow at http://127.0.0.1:9 failed .* waits in .*tracking-offline"
+    ):
         tracker = Tracker("exp", "http://127.0.0.1:9", tmp_path)
     run = tracker.start("cv")
     tracker.metrics(run, {"test_uar": 0.75}, step=3)
     tracker.end(run)
-    lines = [json.loads(line) for line in (tmp_path / "tracking-offline.jsonl").read_text().splitlines()]
-    assert [line["call"] for line in lines] == ["connect", "start", "metrics", "end"]
-    assert lines[2]["metrics"] == {"test_uar": 0.75} and lines[2]["step"] == 3
+    assert tracker.offline.parent == tmp_path / "tracking-offline"
+    header, *lines = [json.loads(line) for line in tracker.offline.read_text().splitlines()]
+    assert header["tracker"] == {"experiment": "exp", "uri": "http://127.0.0.1:9", "ids": {}}
+    assert [line["call"] for line in lines] == ["start", "metrics", "end"]
+    assert lines[1]["run"] == lines[0]["run"] == run and run.startswith("offline-")
+    assert lines[1]["metrics"] == {"test_uar": 0.75} and lines[1]["step"] == 3
