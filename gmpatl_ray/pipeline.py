@@ -96,29 +96,31 @@ def run_cv(
     run_name: str | None = None,
     tags: dict[str, str] | None = None,
     on_fold: Callable[[pd.DataFrame], None] | None = None,
+    unique_name: bool = False,
 ) -> pd.DataFrame:
     """Every fold, tracked in MLflow: a parent run (config, results table, summed confusion), a child run
     per fold (test metrics, confusion matrix, training curves, final model) and under it a run per stage
     (its settings and per-epoch metrics). ``on_fold`` gets the table so far after each fold (a sweep
-    reports it to Tune). Returns the per-fold table."""
+    reports it to Tune). ``unique_name``: ``run_name`` names this CV alone (a sweep's trial), so even a
+    finished run of that name is the same CV, rerun (a trial Tune restarts) and logged into, not beside.
+    Returns the per-fold table."""
     emotions = config.data.emotions
     reports = Path(config.experiment.output_dir) / "reports"
     resolved = config.model_dump(mode="json", exclude={"sweep"})
-    parent = tracker.start(
-        run_name or f"cv-{config.experiment.name}", tags={"gmpatl.kind": "cv", **(tags or {})}
-    )
+    name = run_name or f"cv-{config.experiment.name}"
+    parent, resuming = _parent_run(tracker, name, resolved, tags or {}, unique_name)
     tracker.params(parent, flatten(resolved) | {"config_fingerprint": fingerprint(resolved)})
     tracker.artifact(parent, _write(reports / "config.yaml", dump_config(config)))
     rows, total = [], np.zeros((len(emotions), len(emotions)), dtype=int)
     run = parent
     try:
         for fold in folds:
-            run = tracker.start(
-                f"fold-{fold}", parent=parent, tags={"gmpatl.kind": "fold", "gmpatl.fold": str(fold)}
-            )
+            fold_tags = {"gmpatl.kind": "fold", "gmpatl.fold": str(fold)}
+            run, logged = _open_run(tracker, f"fold-{fold}", parent, fold_tags, resuming)
             result = run_fold(config, manifest, fold, cache)
-            _track_fold(tracker, run, config, result, reports)
-            tracker.end(run)
+            if not logged:
+                _track_fold(tracker, run, config, result, reports, resuming)
+                tracker.end(run)
             total += np.asarray(result.confusion)
             rows.append(
                 {
@@ -159,10 +161,44 @@ def run_cv(
         ),
     )
     tracker.end(parent)
+    tracker.flush()  # a last try for anything that waited out a tracking outage
     return table
 
 
-def _track_fold(tracker: Tracker, run: str | None, config: Config, result: FoldResult, reports: Path) -> None:
+def _parent_run(
+    tracker: Tracker, name: str, resolved: dict, tags: dict[str, str], unique_name: bool
+) -> tuple[str, bool]:
+    """The CV's parent run and whether it takes over an earlier one: a run of this name and config
+    fingerprint that did not finish (its driver was killed, or it failed) is resumed, so rerunning an
+    interrupted CV leaves one run tree; a finished one is left alone and a new run starts, unless the
+    name is unique to this CV."""
+    tags = {"gmpatl.kind": "cv", "gmpatl.config_fingerprint": fingerprint(resolved), **tags}
+    found = tracker.find(name, None, tags)
+    if found is None or (found[1] == "FINISHED" and not unique_name):
+        return tracker.start(name, tags=tags), False
+    if found[1] != "FINISHED":
+        tracker.resume(found[0])
+    return found[0], True
+
+
+def _open_run(
+    tracker: Tracker, name: str, parent: str, tags: dict[str, str], resuming: bool
+) -> tuple[str, bool]:
+    """The child run ``name`` and whether it is already fully logged. Under a resumed parent, an earlier
+    run of that name is reused (finished: left as it is; interrupted: resumed), never duplicated."""
+    found = tracker.find(name, parent, {}) if resuming else None
+    if found is None:
+        return tracker.start(name, parent=parent, tags=tags), False
+    run, status = found
+    if status == "FINISHED":
+        return run, True
+    tracker.resume(run)
+    return run, False
+
+
+def _track_fold(
+    tracker: Tracker, run: str, config: Config, result: FoldResult, reports: Path, resuming: bool
+) -> None:
     """A fold's run: test metrics and figures, the GMPs' inertia, the final model, and a run per stage."""
     fold, artifacts = result.fold, result.artifacts
     stages = [stage for stage in STAGES if stage in artifacts]  # stage 2 is absent when disabled
@@ -186,20 +222,21 @@ def _track_fold(tracker: Tracker, run: str | None, config: Config, result: FoldR
     if config.tracking.log_model:
         tracker.artifact(run, artifacts["stage3"].path, "model")
     for stage in stages:
-        child = tracker.start(
-            f"fold-{fold}-{stage}",
-            parent=run,
-            tags={
-                "gmpatl.kind": "stage",
-                "gmpatl.stage": stage,
-                "gmpatl.fold": str(fold),
-                "gmpatl.reused": str(not result.built[stage]).lower(),
-            },
-        )
+        meta = artifacts[stage].meta
+        tags = {
+            "gmpatl.kind": "stage",
+            "gmpatl.stage": stage,
+            "gmpatl.fold": str(fold),
+            "gmpatl.reused": str(not result.built[stage]).lower(),
+            "gmpatl.resumed_at_epochs": ",".join(map(str, meta["resumed_at_epochs"])),
+        }
+        child, logged = _open_run(tracker, f"fold-{fold}-{stage}", run, tags, resuming)
+        if logged:
+            continue
         section = getattr(config, stage).model_dump(mode="json")
         tracker.params(child, flatten({stage: section}) | {"fingerprint": artifacts[stage].path.name})
         tracker.history(child, histories[stage])
-        tracker.metrics(child, {"best_epoch": artifacts[stage].meta["best_epoch"]})
+        tracker.metrics(child, {"best_epoch": meta["best_epoch"], "steps": meta["steps"]})
         tracker.end(child)
 
 

@@ -82,6 +82,7 @@ def trial(params: dict[str, Any], base: dict[str, Any], manifest: pd.DataFrame, 
         tags={SWEEP_TAG: base["experiment"]["name"], "gmpatl.trial": trial}
         | {f"{PARAM_TAG}{k}": str(v) for k, v in params.items()},
         on_fold=report,
+        unique_name=True,
     )
 
 
@@ -130,15 +131,19 @@ def run_sweep(config: Config, manifest: pd.DataFrame, folds: list, resume: bool 
             ),
         )
     results = tuner.fit()
-    frame = results.get_dataframe()
-    columns = [f"config/{k}" for k in sweep.space] + [
-        "trial_id",
-        OBJECTIVE,
-        "mean_test_uar",
-        "mean_test_war",
-        "folds_done",
-    ]
-    table = frame[[c for c in columns if c in frame.columns]].rename(
-        columns=lambda c: c.removeprefix("config/")
-    )
-    return table.sort_values(OBJECTIVE, ascending=False).reset_index(drop=True)
+    rows = []
+    for result in results:  # errored trials too: a failed trial is listed, never dropped
+        metrics = result.metrics or {}
+        rows.append(
+            {k: (result.config or {}).get(k) for k in sweep.space}
+            | {"trial": Path(result.path).name if result.path else None, "status": _status(result)}
+            | {m: metrics.get(m) for m in (OBJECTIVE, "mean_test_uar", "mean_test_war", "folds_done")}
+        )
+    table = pd.DataFrame(rows)
+    return table.sort_values(OBJECTIVE, ascending=False, na_position="last").reset_index(drop=True)
+
+
+def _status(result) -> str:
+    if result.error is None:
+        return "finished"
+    return f"failed: {type(result.error).__name__}: {str(result.error).strip().splitlines()[-1][:200]}"
