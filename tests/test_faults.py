@@ -1,0 +1,380 @@
+"""Real faults, injected for real: a Ray Train worker SIGKILLed mid-stage, a `gmpatl cv` driver and a
+`gmpatl sweep` driver killed with their whole local Ray cluster, and a real MLflow server stopped mid-run.
+Each must end as if nothing had happened: the same epochs and steps, one MLflow run per fold, finished
+trials kept, nothing that was logged lost. (Truncated and concurrent artifacts: tests/test_artifacts.py.)"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import threading
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+import pandas as pd
+import psutil
+import pytest
+from conftest import small_config
+from mlflow import MlflowClient
+from test_cli import GMPATL, run
+from test_jobs import BIN, free_port
+from test_pipeline import TINY_TRAINING
+
+from gmpatl_ray.artifacts import ArtifactCache
+from gmpatl_ray.config import dump_config
+from gmpatl_ray.cv import split_fold
+from gmpatl_ray.data.manifest import read_manifest
+from gmpatl_ray.pipeline import run_fold
+from gmpatl_ray.stages.stage1 import run_stage1
+from gmpatl_ray.tracking import Tracker
+
+pytestmark = [pytest.mark.faults, pytest.mark.slow]
+
+TRAIN_WORKER = "RayTrainWorker"
+
+
+def wait_for(what: str, check: Callable[[], object], timeout: float = 240) -> object:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = check()
+        if found:
+            return found
+        time.sleep(0.1)
+    pytest.fail(f"timed out after {timeout} s waiting for {what}")
+
+
+def checkpoints(storage: Path, stage: str) -> list[str]:
+    """Checkpoints Ray Train has registered (not merely written) for the runs of ``stage`` under
+    ``storage``: a worker killed before its checkpoint is registered restarts from the one before."""
+    found = []
+    for snapshot in storage.glob(f"{stage}-*/checkpoint_manager_snapshot.json"):
+        try:
+            results = json.loads(snapshot.read_text())["checkpoint_results"]
+        except ValueError:  # being rewritten
+            continue
+        found += [f"{snapshot.parent.name}/{r['checkpoint_dir_name']}" for r in results]
+    return found
+
+
+def train_workers() -> list[psutil.Process]:
+    """Ray Train worker processes of this session's local cluster (its raylet is our child, the workers
+    its children), never those of another Ray on the machine."""
+    found = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if any(TRAIN_WORKER in part for part in proc.cmdline()):
+                found.append(proc)
+        except psutil.NoSuchProcess:
+            continue
+    return found
+
+
+def kill_a_worker_after_the_first_checkpoint(
+    storage: Path, stage: str, killed: list[int]
+) -> threading.Thread:
+    """A thread that SIGKILLs a Ray Train worker process as soon as ``stage`` has a checkpoint."""
+
+    def killer() -> None:
+        wait_for(f"a {stage} checkpoint", lambda: checkpoints(storage, stage))
+        worker = wait_for("a Ray Train worker process", train_workers, timeout=30)[0]
+        worker.send_signal(signal.SIGKILL)
+        killed.append(worker.pid)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    return thread
+
+
+def assert_resumed_to_the_end(artifact, epochs: int, steps_per_epoch: int) -> None:
+    """The stage resumed from a checkpoint (not from scratch) and still ran every epoch and step once."""
+    meta = artifact.meta
+    assert len(meta["resumed_at_epochs"]) == 1 and 1 <= meta["resumed_at_epochs"][0] < epochs, meta
+    assert [row["epoch"] for row in meta["history"]] == list(range(epochs))
+    assert [row["steps"] for row in meta["history"]] == [steps_per_epoch * (e + 1) for e in range(epochs)]
+    assert meta["steps"] == epochs * steps_per_epoch
+
+
+@pytest.fixture(scope="module")
+def fault_cache(tmp_path_factory):
+    """One stage cache for the worker-kill tests: the stage-2 test reuses the stage 1 the first one built."""
+    return tmp_path_factory.mktemp("fault_cache")
+
+
+FAULT_TRAINING = [
+    *TINY_TRAINING,
+    "train.max_failures=1",
+    "stage1.optim={lr: 3.0e-3, batch_size: 8, epochs: 5}",
+    "stage2.optim={lr: 1.0e-3, batch_size: 8, epochs: 5}",
+    "stage3.optim={lr: 3.0e-3, batch_size: 8, epochs: 1}",
+]
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_a_worker_killed_in_stage1_is_replaced_and_the_stage_resumes(small_corpus, fault_cache):
+    folder, manifest = small_corpus
+    config = small_config(folder, f"train.storage_path={fault_cache / 'ray'}", *FAULT_TRAINING)
+    split = split_fold(manifest, 1, config.train.val_fraction, config.experiment.seed)
+    killed: list[int] = []
+    killer = kill_a_worker_after_the_first_checkpoint(fault_cache / "ray", "stage1", killed)
+    artifact, built = run_stage1(config, split, ArtifactCache(fault_cache / "cache"))
+    killer.join(timeout=5)
+    assert built and killed, "no worker was killed"
+    assert not psutil.pid_exists(killed[0])
+    assert_resumed_to_the_end(artifact, 5, math.ceil(len(split.train) / 8))
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_a_worker_killed_in_stage2_is_replaced_and_the_stage_resumes(small_corpus, fault_cache):
+    folder, manifest = small_corpus
+    config = small_config(folder, f"train.storage_path={fault_cache / 'ray'}", *FAULT_TRAINING)
+    killed: list[int] = []
+    killer = kill_a_worker_after_the_first_checkpoint(fault_cache / "ray", "stage2", killed)
+    result = run_fold(config, manifest, 1, ArtifactCache(fault_cache / "cache"))
+    killer.join(timeout=5)
+    assert killed, "no worker was killed"
+    assert not result.built["stage1"] and result.built["stage2"]
+    split = split_fold(manifest, 1, config.train.val_fraction, config.experiment.seed)
+    seen = len(split.train) + len(split.val)  # stage 2 trains on every utterance of the training folds
+    assert_resumed_to_the_end(result.artifacts["stage2"], 5, math.ceil(seen / 8))
+
+
+def start_group(args: list[str], **kwargs) -> subprocess.Popen:
+    """A process in its own process group: killing the group is the machine going away under it (the
+    driver and the local Ray cluster it started)."""
+    return subprocess.Popen(args, start_new_session=True, text=True, **kwargs)
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+
+
+def runs_by_name(client: MlflowClient, experiment: str) -> dict[str, list]:
+    found = client.get_experiment_by_name(experiment)
+    by_name: dict[str, list] = {}
+    for r in client.search_runs([found.experiment_id]) if found else []:
+        by_name.setdefault(r.info.run_name, []).append(r)
+    return by_name
+
+
+def test_a_killed_cv_driver_reruns_into_the_same_runs_and_resumes_the_stage(tmp_path):
+    """Kill `gmpatl cv` (and its Ray cluster) in fold 2's stage 1, run it again: fold 1 is reused, stage 1
+    of fold 2 resumes from its checkpoint, and MLflow holds one parent and one run per fold and stage."""
+    config = small_config(
+        tmp_path,
+        f"train.storage_path={tmp_path / 'ray'}",
+        "tracking.experiment=crash",
+        "tracking.log_model=false",
+        "stage2.enabled=false",
+        *FAULT_TRAINING,
+    )
+    config_file = tmp_path / "crash.yaml"
+    config_file.write_text(dump_config(config))
+    command = [str(GMPATL), "cv", "--config", str(config_file), "--folds", "1,2"]
+    driver = start_group(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    stage1_runs = lambda: {c.split("/")[0] for c in checkpoints(tmp_path / "ray", "stage1")}  # noqa: E731
+    wait_for("fold 2's stage 1 to checkpoint", lambda: len(stage1_runs()) == 2, timeout=400)
+    kill_group(driver)
+    assert "fold 1: WAR" in driver.stdout.read()
+
+    result = run(*command)
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = pd.read_csv(tmp_path / "out" / "reports" / "cv_results.csv", keep_default_na=False)
+    assert table["reused"].tolist() == ["stage1,stage3", ""]  # fold 1 is not recomputed
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}")
+    runs = runs_by_name(client, "crash")
+    assert sorted(runs) == [
+        "cv-gmpatl-demo",
+        "fold-1",
+        "fold-1-stage1",
+        "fold-1-stage3",
+        "fold-2",
+        "fold-2-stage1",
+        "fold-2-stage3",
+    ]
+    assert all(len(found) == 1 and found[0].info.status == "FINISHED" for found in runs.values()), runs
+    assert runs["cv-gmpatl-demo"][0].data.tags["gmpatl.resumed"] == "true"
+    assert runs["fold-2"][0].data.tags["gmpatl.resumed"] == "true"
+    assert "gmpatl.resumed" not in runs["fold-1"][0].data.tags  # finished before the crash: left as it was
+
+    cache = ArtifactCache(tmp_path / "cache")
+    stage1 = cache.load("stage1", runs["fold-2-stage1"][0].data.params["fingerprint"])
+    manifest = read_manifest(config.data.manifest, config.data.emotions)
+    split = split_fold(manifest, 2, config.train.val_fraction, config.experiment.seed)
+    assert_resumed_to_the_end(stage1, 5, math.ceil(len(split.train) / 8))
+    resumed_at = str(stage1.meta["resumed_at_epochs"][0])
+    assert runs["fold-2-stage1"][0].data.tags["gmpatl.resumed_at_epochs"] == resumed_at
+
+
+def test_a_killed_sweep_resumes_without_rerunning_and_a_failing_trial_is_marked_failed(
+    small_corpus, tmp_path
+):
+    """Two trials, one at a time: scales [4, 8] works, [100000] raises (more clusters than frames) on
+    every try. The driver is killed once the first trial has finished; `--resume` keeps that trial as it
+    was, retries the other up to sweep.max_failures and lists it as failed, and the sweep still ends."""
+    folder, _ = small_corpus
+    config = small_config(
+        folder,
+        f"experiment.output_dir={tmp_path / 'out'}",
+        f"experiment.cache_dir={tmp_path / 'cache'}",
+        "experiment.name=crash-sweep",
+        "tracking.experiment=crash-sweep",
+        "tracking.log_model=false",
+        *TINY_TRAINING,
+        "sweep={space: {gmp.scales: {grid: [[4, 8], [100000]]}}, folds: [1], max_concurrent_trials: 1, "
+        "max_failures: 1}",
+    )
+    config_file = tmp_path / "sweep.yaml"
+    config_file.write_text(dump_config(config))
+    command = [str(GMPATL), "sweep", "--config", str(config_file)]
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}")
+
+    def trial_runs(scales: str) -> list:
+        return [
+            r
+            for r in runs_by_name(client, "crash-sweep").values()
+            for r in r
+            if r.data.tags.get("gmpatl.param.gmp.scales") == scales
+        ]
+
+    driver = start_group(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(
+        "Tune to record the first trial as finished", lambda: "TERMINATED" in trial_states(tmp_path), 400
+    )
+    kill_group(driver)
+    [first] = trial_runs("[4, 8]")
+
+    result = run(*command, "--resume")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "1 of 2 trial(s) failed" in result.stdout
+    finished = [line for line in result.stdout.splitlines() if "| finished" in line]
+    failed = [line for line in result.stdout.splitlines() if "| failed: " in line]
+    assert len(finished) == 1 and "[4, 8]" in finished[0]
+    assert len(failed) == 1 and "100000" in failed[0] and "gmp.scales" in failed[0]
+
+    kept = trial_runs("[4, 8]")
+    assert [(r.info.run_id, r.info.status) for r in kept] == [(first.info.run_id, "FINISHED")]  # not rerun
+    retried = trial_runs("[100000]")
+    assert len(retried) == 1 and retried[0].info.status == "FAILED"  # every try logged into one run
+    assert retried[0].data.tags["gmpatl.resumed"] == "true"
+
+
+def trial_states(output_dir: Path) -> list[str]:
+    """Each trial's status in the newest experiment state Tune has saved for the sweep "crash-sweep"."""
+    saved = sorted((output_dir / "out" / "ray_tune" / "crash-sweep").glob("experiment_state-*.json"))
+    try:
+        return [json.loads(trial[0])["status"] for trial in json.loads(saved[-1].read_text())["trial_data"]]
+    except (IndexError, ValueError):  # none yet, or being rewritten
+        return []
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A real MLflow tracking server on 127.0.0.1 that the test can stop and start again (same port,
+    same store)."""
+    port = free_port()
+    store = f"sqlite:///{tmp_path / 'server.db'}"
+    running: list[subprocess.Popen] = []
+
+    def healthy() -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as answer:
+                return answer.status == 200
+        except OSError:
+            return False
+
+    def start() -> None:
+        args = ["server", "--host", "127.0.0.1", "--port", str(port), "--backend-store-uri", store]
+        running.append(
+            start_group(
+                [str(BIN / "mlflow"), *args, "--workers", "1"],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
+        wait_for("the MLflow server", healthy, timeout=120)
+
+    def stop() -> None:
+        kill_group(running.pop())
+
+    yield f"http://127.0.0.1:{port}", start, stop
+    while running:
+        stop()
+
+
+def test_what_is_logged_while_the_tracking_server_is_down_reaches_it_later(
+    tmp_path, mlflow_server, monkeypatch
+):
+    """The server stops mid-run. In process, a tracker keeps logging and sends what waited once the
+    server is back. A `gmpatl cv` that outlives the outage finishes its fold, names the file where its
+    records wait, and `gmpatl tracking-sync` delivers them: the server ends with the whole run tree."""
+    uri, start, stop = mlflow_server
+    fail_fast = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "2"}
+    for name, value in fail_fast.items():
+        monkeypatch.setenv(name, value)
+    start()
+    client = MlflowClient(tracking_uri=uri)
+    tracker = Tracker("in-process", uri, tmp_path / "in-process", retry_after_s=0)
+    run_id = tracker.start("run")
+    tracker.metrics(run_id, {"loss": 3.0}, step=0)
+
+    config = small_config(
+        tmp_path,
+        f"train.storage_path={tmp_path / 'ray'}",
+        f"tracking.uri={uri}",
+        "tracking.experiment=outage",
+        "tracking.log_model=false",
+        "stage2.enabled=false",
+        *TINY_TRAINING,
+    )
+    config_file = tmp_path / "outage.yaml"
+    config_file.write_text(dump_config(config))
+    cv = start_group(
+        [str(GMPATL), "cv", "--config", str(config_file), "--folds", "1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, **fail_fast},
+    )
+    wait_for("the fold's run on the server", lambda: "fold-1" in runs_by_name(client, "outage"), timeout=300)
+    stop()
+
+    with pytest.warns(UserWarning, match=rf"MLflow at {uri} failed .* waits in {tracker.offline}"):
+        tracker.metrics(run_id, {"loss": 2.0}, step=1)
+    child = tracker.start("child", parent=run_id)  # started while the server is away: a local handle
+    tracker.metrics(child, {"acc": 0.5})
+    assert child.startswith("offline-") and tracker.offline.is_file()
+
+    out, err = cv.communicate(timeout=600)
+    assert cv.returncode == 0, err[-3000:]
+    assert "fold 1: WAR" in out
+    waiting = Path(re.search(r"waits in (\S+\.jsonl)", err).group(1))
+    assert waiting.is_file()
+
+    start()
+    with pytest.warns(UserWarning, match="is reachable again: sent 3 records"):
+        tracker.metrics(run_id, {"loss": 1.0}, step=2)
+    tracker.end(child)
+    tracker.end(run_id)
+    assert [m.value for m in client.get_metric_history(run_id, "loss")] == [3.0, 2.0, 1.0]
+    [sent_child] = runs_by_name(client, "in-process")["child"]
+    assert sent_child.data.tags["mlflow.parentRunId"] == run_id and sent_child.data.metrics == {"acc": 0.5}
+    assert not tracker.offline.exists()
+
+    sync = run(str(GMPATL), "tracking-sync", str(waiting), env=fail_fast)
+    assert sync.returncode == 0 and "sent" in sync.stdout, sync.stdout + sync.stderr
+    assert not waiting.exists()
+    runs = runs_by_name(client, "outage")
+    assert sorted(runs) == ["cv-gmpatl-demo", "fold-1", "fold-1-stage1", "fold-1-stage3"]
+    assert all(len(found) == 1 and found[0].info.status == "FINISHED" for found in runs.values()), runs
+    table = pd.read_csv(tmp_path / "out" / "reports" / "cv_results.csv")
+    assert runs["fold-1"][0].data.metrics["test_uar"] == pytest.approx(table["uar"][0], abs=1e-4)
+    assert runs["cv-gmpatl-demo"][0].data.metrics["mean_uar"] == pytest.approx(table["uar"][0], abs=1e-4)
+    stage1_loss = client.get_metric_history(runs["fold-1-stage1"][0].info.run_id, "train_loss")
+    assert [m.step for m in stage1_loss] == [0, 1]
