@@ -1,7 +1,8 @@
-"""Real faults, injected for real: a Ray Train worker SIGKILLed mid-stage, a `gmpatl cv` driver and a
-`gmpatl sweep` driver killed with their whole local Ray cluster, and a real MLflow server stopped mid-run.
-Each must end as if nothing had happened: the same epochs and steps, one MLflow run per fold, finished
-trials kept, nothing that was logged lost. (Truncated and concurrent artifacts: tests/test_artifacts.py.)"""
+"""Real faults, injected for real: a Ray Train worker SIGKILLed mid-stage, a `gmpatl cv` driver killed with
+its whole local Ray cluster, and a real MLflow server stopped mid-run. Each must end as if nothing had
+happened: the same epochs and steps, one MLflow run per fold and stage, nothing that was logged lost.
+(A killed sweep driver and a failing trial: tests/test_sweep.py; truncated and concurrently built
+artifacts: tests/test_artifacts.py; all marked ``faults``.)"""
 
 from __future__ import annotations
 
@@ -211,68 +212,6 @@ def test_a_killed_cv_driver_reruns_into_the_same_runs_and_resumes_the_stage(tmp_
     assert_resumed_to_the_end(stage1, 5, math.ceil(len(split.train) / 8))
     resumed_at = str(stage1.meta["resumed_at_epochs"][0])
     assert runs["fold-2-stage1"][0].data.tags["gmpatl.resumed_at_epochs"] == resumed_at
-
-
-def test_a_killed_sweep_resumes_without_rerunning_and_a_failing_trial_is_marked_failed(
-    small_corpus, tmp_path
-):
-    """Two trials, one at a time: scales [4, 8] works, [100000] raises (more clusters than frames) on
-    every try. The driver is killed once the first trial has finished; `--resume` keeps that trial as it
-    was, retries the other up to sweep.max_failures and lists it as failed, and the sweep still ends."""
-    folder, _ = small_corpus
-    config = small_config(
-        folder,
-        f"experiment.output_dir={tmp_path / 'out'}",
-        f"experiment.cache_dir={tmp_path / 'cache'}",
-        "experiment.name=crash-sweep",
-        "tracking.experiment=crash-sweep",
-        "tracking.log_model=false",
-        *TINY_TRAINING,
-        "sweep={space: {gmp.scales: {grid: [[4, 8], [100000]]}}, folds: [1], max_concurrent_trials: 1, "
-        "max_failures: 1}",
-    )
-    config_file = tmp_path / "sweep.yaml"
-    config_file.write_text(dump_config(config))
-    command = [str(GMPATL), "sweep", "--config", str(config_file)]
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}")
-
-    def trial_runs(scales: str) -> list:
-        return [
-            r
-            for r in runs_by_name(client, "crash-sweep").values()
-            for r in r
-            if r.data.tags.get("gmpatl.param.gmp.scales") == scales
-        ]
-
-    driver = start_group(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for(
-        "Tune to record the first trial as finished", lambda: "TERMINATED" in trial_states(tmp_path), 400
-    )
-    kill_group(driver)
-    [first] = trial_runs("[4, 8]")
-
-    result = run(*command, "--resume")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "1 of 2 trial(s) failed" in result.stdout
-    finished = [line for line in result.stdout.splitlines() if "| finished" in line]
-    failed = [line for line in result.stdout.splitlines() if "| failed: " in line]
-    assert len(finished) == 1 and "[4, 8]" in finished[0]
-    assert len(failed) == 1 and "100000" in failed[0] and "gmp.scales" in failed[0]
-
-    kept = trial_runs("[4, 8]")
-    assert [(r.info.run_id, r.info.status) for r in kept] == [(first.info.run_id, "FINISHED")]  # not rerun
-    retried = trial_runs("[100000]")
-    assert len(retried) == 1 and retried[0].info.status == "FAILED"  # every try logged into one run
-    assert retried[0].data.tags["gmpatl.resumed"] == "true"
-
-
-def trial_states(output_dir: Path) -> list[str]:
-    """Each trial's status in the newest experiment state Tune has saved for the sweep "crash-sweep"."""
-    saved = sorted((output_dir / "out" / "ray_tune" / "crash-sweep").glob("experiment_state-*.json"))
-    try:
-        return [json.loads(trial[0])["status"] for trial in json.loads(saved[-1].read_text())["trial_data"]]
-    except (IndexError, ValueError):  # none yet, or being rewritten
-        return []
 
 
 @pytest.fixture

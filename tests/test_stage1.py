@@ -3,6 +3,8 @@ HuBERT that transformers loads, and a rerun reuses it."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from conftest import small_config
@@ -67,6 +69,7 @@ def test_two_ddp_workers_with_bf16_and_checkpointing_report_once_per_epoch(small
     assert set(history[0]) == {
         "epoch",
         "train_loss",
+        "steps",
         "train_seconds",
         "train_utterances_per_s",
         "val_score",
@@ -74,6 +77,8 @@ def test_two_ddp_workers_with_bf16_and_checkpointing_report_once_per_epoch(small
         "val_war",
     }
     assert all(torch.isfinite(torch.tensor(h["train_loss"])) for h in history)
+    per_epoch = math.ceil(math.ceil(len(split.train) / 2) / 2)  # each worker's share, batches of 4 / 2
+    assert [h["steps"] for h in history] == [per_epoch, 2 * per_epoch]
     (run,) = (tmp_path / "ray").iterdir()
     assert len([c for c in run.glob("checkpoint_*") if c.is_dir()]) == 2
     assert HubertModel.from_pretrained(artifact.path / "backbone").config.hidden_size == 32

@@ -1,15 +1,19 @@
 """Ray Tune sweeps on a real local Ray cluster: 4 trials over stage 3's margin and scale train stage 1 and
 stage 2 once for the fold (counted as Ray Train runs), each trial lands in MLflow with its fold run, and
-`gmpatl report --sweep` prints them; the paper's Table 3 and 4 sweeps run on the demo corpus."""
+`gmpatl report --sweep` prints them; the paper's Table 3 and 4 sweeps run on the demo corpus; a sweep
+whose driver is killed resumes, and a trial that always raises is retried, then listed as failed."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+from pathlib import Path
 
 import pytest
 from conftest import REPO, small_config
 from mlflow import MlflowClient
 from test_cli import GMPATL, run
+from test_faults import kill_group, runs_by_name, start_group, wait_for
 from test_pipeline import TINY_TRAINING
 
 from gmpatl_ray.config import ConfigError, dump_config, load_config
@@ -139,3 +143,60 @@ def test_the_papers_tables_run_as_sweeps_and_report(small_corpus, shared, table,
     header = next(line for line in report.stdout.splitlines() if line.startswith("| trial"))
     assert all(f" {key} " in header for key in config.sweep.space) and "UAR %" in header and "WAR %" in header
     assert report.stdout.count("FINISHED") == at_most["stage3"]  # one row per trial, each finished
+
+
+def test_a_killed_sweep_resumes_without_rerunning_and_a_failing_trial_is_marked_failed(
+    small_corpus, tmp_path
+):
+    """Two trials, one at a time: scales [4, 8] works, [100000] raises (more clusters than frames) on
+    every try. The driver is killed once the first trial has finished; `--resume` keeps that trial as it
+    was, retries the other up to sweep.max_failures and lists it as failed, and the sweep still ends."""
+    folder, _ = small_corpus
+    config = sweep_config(
+        folder,
+        shared,
+        "crash-sweep",
+        "tracking.experiment=crash-sweep",
+        "sweep={space: {gmp.scales: {grid: [[4, 8], [100000]]}}, folds: [1], max_concurrent_trials: 1, "
+        "max_failures: 1}",
+    )
+    config_file = shared / "crash-sweep.yaml"
+    config_file.write_text(dump_config(config))
+    command = [str(GMPATL), "sweep", "--config", str(config_file)]
+    client = MlflowClient(tracking_uri=f"sqlite:///{shared / 'mlflow.db'}")
+
+    def trial_runs(scales: str) -> list:
+        return [
+            r
+            for r in runs_by_name(client, "crash-sweep").values()
+            for r in r
+            if r.data.tags.get("gmpatl.param.gmp.scales") == scales
+        ]
+
+    driver = start_group(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for("Tune to record the first trial as finished", lambda: "TERMINATED" in trial_states(shared), 400)
+    kill_group(driver)
+    [first] = trial_runs("[4, 8]")
+
+    result = run(*command, "--resume")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "1 of 2 trial(s) failed" in result.stdout
+    finished = [line for line in result.stdout.splitlines() if "| finished" in line]
+    failed = [line for line in result.stdout.splitlines() if "| failed: " in line]
+    assert len(finished) == 1 and "[4, 8]" in finished[0]
+    assert len(failed) == 1 and "100000" in failed[0] and "gmp.scales" in failed[0]
+
+    kept = trial_runs("[4, 8]")
+    assert [(r.info.run_id, r.info.status) for r in kept] == [(first.info.run_id, "FINISHED")]  # not rerun
+    retried = trial_runs("[100000]")
+    assert len(retried) == 1 and retried[0].info.status == "FAILED"  # every try logged into one run
+    assert retried[0].data.tags["gmpatl.resumed"] == "true"
+
+
+def trial_states(output_dir: Path) -> list[str]:
+    """Each trial's status in the newest experiment state Tune has saved for the sweep "crash-sweep"."""
+    saved = sorted((output_dir / "ray_tune" / "crash-sweep").glob("experiment_state-*.json"))
+    try:
+        return [json.loads(trial[0])["status"] for trial in json.loads(saved[-1].read_text())["trial_data"]]
+    except (IndexError, ValueError):  # none yet, or being rewritten
+        return []
