@@ -20,6 +20,7 @@ from .artifacts import Artifact, ArtifactCache, fingerprint
 from .atomic import atomic_write_text
 from .config import Config, dump_config
 from .cv import FoldSplit, split_fold
+from .data.prepare import skipped_list_path
 from .features import extract_features
 from .gmp import build_gmps_on_cluster
 from .plots import confusion_plot, training_curves
@@ -109,8 +110,7 @@ def run_cv(
     resolved = config.model_dump(mode="json", exclude={"sweep"})
     name = run_name or f"cv-{config.experiment.name}"
     parent, resuming = _parent_run(tracker, name, resolved, tags or {}, unique_name)
-    tracker.params(parent, flatten(resolved) | {"config_fingerprint": fingerprint(resolved)})
-    tracker.artifact(parent, _write(reports / "config.yaml", dump_config(config)))
+    track_inputs(tracker, parent, config, resolved, reports)
     rows, total = [], np.zeros((len(emotions), len(emotions)), dtype=int)
     run = parent
     try:
@@ -148,9 +148,8 @@ def run_cv(
         "mean_val_uar": table["val_uar"].mean(),
     }
     tracker.metrics(parent, summary)
-    reports.mkdir(parents=True, exist_ok=True)
-    table.to_csv(reports / "cv_results.csv", index=False, float_format="%.4f")
-    tracker.artifact(parent, reports / "cv_results.csv")
+    csv = _write(reports / "cv_results.csv", table.to_csv(index=False, float_format="%.4f"))
+    tracker.artifact(parent, csv)
     tracker.artifact(
         parent, _write(reports / "cv_results.md", table.to_markdown(index=False, floatfmt=".4f"))
     )
@@ -163,6 +162,17 @@ def run_cv(
     tracker.end(parent)
     tracker.flush()  # a last try for anything that waited out a tracking outage
     return table
+
+
+def track_inputs(tracker: Tracker, run: str, config: Config, resolved: dict, reports: Path) -> None:
+    """What a CV run was given: the flattened config and its fingerprint, ``config.yaml``, and the list of
+    utterances ``prepare --on-error skip`` left out of the manifest (so a run's data gaps travel with it)."""
+    tracker.params(run, flatten(resolved) | {"config_fingerprint": fingerprint(resolved)})
+    tracker.artifact(run, _write(reports / "config.yaml", dump_config(config)))
+    skipped = skipped_list_path(Path(config.data.manifest))
+    if skipped.is_file():
+        tracker.artifact(run, skipped)
+        tracker.metrics(run, {"skipped_utterances": len(skipped.read_text().splitlines())})
 
 
 def _parent_run(

@@ -4,10 +4,14 @@ server neither stops the caller nor loses what it was asked to log."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
+from conftest import small_config
 from mlflow import MlflowClient
 
+from gmpatl_ray.data.prepare import skipped_list_path
+from gmpatl_ray.pipeline import track_inputs
 from gmpatl_ray.tracking import Tracker, flatten
 
 
@@ -52,3 +56,17 @@ def test_an_unreachable_server_warns_and_keeps_the_data(tmp_path, monkeypatch):
     assert [line["call"] for line in lines] == ["start", "metrics", "end"]
     assert lines[1]["run"] == lines[0]["run"] == run and run.startswith("offline-")
     assert lines[1]["metrics"] == {"test_uar": 0.75} and lines[1]["step"] == 3
+
+
+def test_a_run_records_its_config_and_the_utterances_prepare_skipped(tmp_path):
+    config = small_config(tmp_path)
+    skipped = skipped_list_path(Path(config.data.manifest))
+    skipped.write_text("a.wav: empty file (0 bytes)\nb.wav: silent: every sample is 0\n")
+    tracker = Tracker("inputs", None, tmp_path / "out")
+    run = tracker.start("cv")
+    resolved = config.model_dump(mode="json", exclude={"sweep"})
+    track_inputs(tracker, run, config, resolved, tmp_path / "reports")
+    client = MlflowClient(tracking_uri=tracker.uri)
+    assert {a.path for a in client.list_artifacts(run)} == {"config.yaml", "manifest.skipped.txt"}
+    logged = client.get_run(run).data
+    assert logged.metrics["skipped_utterances"] == 2 and logged.params["config_fingerprint"]
