@@ -26,7 +26,6 @@ from typing import Any
 from .atomic import atomic_write_text
 
 SECRET_MARKERS = ("token", "password", "passwd", "secret", "key", "credential")
-UNFINISHED = ("RUNNING", "FAILED", "KILLED", "SCHEDULED")
 RESUMED_TAG = "gmpatl.resumed"
 
 
