@@ -181,3 +181,10 @@ def test_sweep_needs_a_sweep_section():
     result = run(str(GMPATL), "sweep", "--config", str(REPO / "configs" / "demo.yaml"))
     assert result.returncode == 2
     assert "gmpatl sweep needs a config with a sweep section" in result.stderr
+
+
+def test_tracking_sync_of_a_missing_file_exits_2_naming_it(tmp_path):
+    missing = tmp_path / "tracking-offline" / "gone.jsonl"
+    result = run(str(GMPATL), "tracking-sync", str(missing))
+    assert result.returncode == 2
+    assert f"{missing}: no such tracking-offline file (already sent?)" in result.stderr
