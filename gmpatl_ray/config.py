@@ -198,6 +198,10 @@ class TrainConfig(_Section):
     """bf16 autocast of the forward pass (GPUs from Ampere on; CPUs run it too, slowly without AMX)."""
     gradient_checkpointing: bool = False
     """Recompute HuBERT's transformer layers in the backward pass: less GPU memory, about a third slower."""
+    poll_interval_s: PositiveFloat = 2.0
+    """How often Ray Train's controller checks its workers (``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``, Ray's
+    default 2 s). Each stage waits for several checks between start-up phases, so short stages (the demo,
+    tests) run seconds faster with a fraction of a second; long ones do not notice."""
 
 
 class Stage1Config(_Section):

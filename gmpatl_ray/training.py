@@ -11,6 +11,7 @@ last checkpoint (Ray Train V2: same ``storage_path`` and ``name``).
 from __future__ import annotations
 
 import importlib
+import os
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -26,6 +27,7 @@ from .data.audio import load_audio
 from .errors import InputError
 
 CHECKPOINT_FILE = "state.pt"
+POLL_INTERVAL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 
 
 class AudioDataset(Dataset):
@@ -175,6 +177,7 @@ def stage_inputs(config: Config, split) -> dict[str, Any]:
                 "max_failures",
                 "storage_path",
                 "gradient_checkpointing",
+                "poll_interval_s",
             }
         ),
         "data": {
@@ -291,6 +294,9 @@ def fit(recipe: str, section: str, loop: dict[str, Any], train: TrainConfig, nam
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    # Ray Train reads this in its controller and propagates it there from the driver's environment when
+    # the trainer is built; it has no argument of its own.
+    os.environ[POLL_INTERVAL_ENV] = str(train.poll_interval_s)
     trainer = TorchTrainer(
         train_fn,
         train_loop_config={**loop, "recipe": recipe, "section": section, "fingerprint": name},
