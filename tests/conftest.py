@@ -29,6 +29,7 @@ def small_config(folder: Path, *overrides: str):
             *TINY_BACKBONE,
             "train.num_workers=1",  # start-up dominates tiny runs; DDP has tests of its own
             "train.cpus_per_worker=2",
+            "extract.actors=1",  # one HuBERT actor: a second one's start-up costs more than it saves here
             "gmp.layer=-2",
             "gmp.scales=[4, 8]",
             *overrides,
@@ -36,13 +37,28 @@ def small_config(folder: Path, *overrides: str):
     )
 
 
+TINY_TRAINING = [
+    "train.max_failures=0",
+    "train.val_fraction=0.25",
+    "stage1.optim={lr: 3.0e-3, batch_size: 8, epochs: 2}",
+    "stage2.optim={lr: 1.0e-3, batch_size: 8, epochs: 1}",
+    "stage3.optim={lr: 3.0e-3, batch_size: 8, epochs: 2}",
+    "stage1.lstm_hidden=16",
+    "stage1.proj_dim=16",
+    "stage2.proj_dim=16",
+]
+"""Stage settings small enough that a stage run is mostly Ray Train's start-up."""
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """One real local Ray cluster for the whole session (2 CPUs, as on the CI machine)."""
+    """One real local Ray cluster for the whole session (2 CPUs, as on the CI machine). Yields the
+    environment that makes a `gmpatl` subprocess join it (as a submitted job joins its cluster) instead
+    of starting a cluster of its own."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
+    context = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield {"RAY_ADDRESS": context.address_info["address"]}
     ray.shutdown()
 
 
@@ -54,3 +70,19 @@ def small_corpus(tmp_path_factory):
     folder = tmp_path_factory.mktemp("small")
     config = small_config(folder)
     return folder, load_or_prepare(config.data)
+
+
+@pytest.fixture(scope="session")
+def trained_fold(small_corpus, ray_cluster, tmp_path_factory):
+    """Fold 1 of the small corpus through every stage with TINY_TRAINING, once for the session, in a stage
+    cache of its own. Tests of what surrounds training (the CLI, MLflow, job submission, tracking
+    outages) point ``experiment.cache_dir`` at it and reuse the stages instead of training them again.
+    Yields the cache folder and the fold's first (building) result."""
+    from gmpatl_ray.artifacts import ArtifactCache
+    from gmpatl_ray.pipeline import run_fold
+
+    folder, manifest = small_corpus
+    shared = tmp_path_factory.mktemp("trained_fold")
+    overrides = [f"experiment.cache_dir={shared / 'cache'}", f"train.storage_path={shared / 'ray'}"]
+    config = small_config(folder, *overrides, *TINY_TRAINING)
+    return shared / "cache", run_fold(config, manifest, 1, ArtifactCache(shared / "cache"))

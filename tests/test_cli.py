@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import small_config
+from conftest import TINY_TRAINING, small_config
 from transformers import HubertModel
 
 from gmpatl_ray.config import dump_config, load_config
@@ -72,22 +72,30 @@ def test_job_entrypoint_runs_the_submitted_copy(tmp_path):
 
 
 @pytest.mark.slow
-def test_extract_cluster_and_report_through_a_local_ray_cluster(tmp_path):
+def test_extract_cluster_and_report_through_a_local_ray_cluster(ray_cluster, tmp_path):
     config_file = tmp_path / "small.yaml"
     config_file.write_text(dump_config(small_config(tmp_path)))
 
-    first = run(str(GMPATL), "cluster", "--config", str(config_file))
+    first = run(str(GMPATL), "cluster", "--config", str(config_file), env=ray_cluster)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "features extracted: 32 utterances" in first.stdout
     assert "audio seconds per second" in first.stdout
     assert "GMPs built for layer -2 (faiss" in first.stdout
     assert "k=4 " in first.stdout and "k=8 " in first.stdout
 
-    again = run(str(GMPATL), "cluster", "--config", str(config_file))
+    again = run(str(GMPATL), "cluster", "--config", str(config_file), env=ray_cluster)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "features reused" in again.stdout and "GMPs reused for layer -2" in again.stdout
 
-    report = run(str(GMPATL), "gmp-report", "--config", str(config_file), "--set", "extract.layers=[-1, -2]")
+    report = run(
+        str(GMPATL),
+        "gmp-report",
+        "--config",
+        str(config_file),
+        "--set",
+        "extract.layers=[-1, -2]",
+        env=ray_cluster,
+    )
     assert report.returncode == 0, report.stderr[-3000:]
     table = pd.read_csv(tmp_path / "out" / "reports" / "gmp_report.csv")
     assert sorted(zip(table["layer"], table["scale"], strict=True)) == [(-2, 4), (-2, 8), (-1, 4), (-1, 8)]
@@ -95,27 +103,37 @@ def test_extract_cluster_and_report_through_a_local_ray_cluster(tmp_path):
     assert "| layer |" in report.stdout.replace("   ", " ").replace("  ", " ")
 
 
-def test_impossible_scale_exits_2_naming_the_field(tmp_path):
+def test_impossible_scale_exits_2_naming_the_field(ray_cluster, tmp_path):
     config_file = tmp_path / "small.yaml"
     config_file.write_text(dump_config(small_config(tmp_path, "gmp.scales=[4, 1000000]")))
-    result = run(str(GMPATL), "cluster", "--config", str(config_file))
+    result = run(str(GMPATL), "cluster", "--config", str(config_file), env=ray_cluster)
     assert result.returncode == 2, result.stderr[-3000:]
     assert "gmp.scales: k=1000000 is larger than the" in result.stderr
 
 
 @pytest.mark.slow
-def test_cv_runs_the_folds_and_tracks_them_in_mlflow(tmp_path):
+def test_cv_runs_the_folds_and_tracks_them_in_mlflow(small_corpus, trained_fold, ray_cluster, tmp_path):
+    """`gmpatl cv` on the session's cluster, its stages reused from the session's trained fold (training
+    has tests of its own): the table, the MLflow run tree with its artifacts, and `gmpatl report`."""
     from mlflow import MlflowClient
-    from test_pipeline import TINY_TRAINING
 
+    folder, _ = small_corpus
+    cache, trained = trained_fold
     config_file = tmp_path / "small.yaml"
-    overrides = [f"train.storage_path={tmp_path / 'ray'}", "tracking.experiment=cv-test", *TINY_TRAINING]
-    config_file.write_text(dump_config(small_config(tmp_path, *overrides)))
-    result = run(str(GMPATL), "cv", "--config", str(config_file), "--folds", "1")
+    overrides = [
+        f"experiment.output_dir={tmp_path / 'out'}",
+        f"experiment.cache_dir={cache}",
+        f"train.storage_path={tmp_path / 'ray'}",
+        "tracking.experiment=cv-test",
+        *TINY_TRAINING,
+    ]
+    config_file.write_text(dump_config(small_config(folder, *overrides)))
+    result = run(str(GMPATL), "cv", "--config", str(config_file), "--folds", "1", env=ray_cluster)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "fold 1: WAR" in result.stdout and "mean UAR" in result.stdout
     table = pd.read_csv(tmp_path / "out" / "reports" / "cv_results.csv")
-    assert table["fold"].tolist() == [1] and table["uar"].between(0, 1).all()
+    assert table["fold"].tolist() == [1] and table["uar"].tolist() == pytest.approx([trained.uar], abs=1e-4)
+    assert table["reused"].tolist() == ["stage1,features,gmps,stage2,stage3"]
 
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("cv-test")
@@ -139,7 +157,7 @@ def test_cv_runs_the_folds_and_tracks_them_in_mlflow(tmp_path):
     assert runs["fold-1"].data.metrics["test_uar"] == pytest.approx(table["uar"][0])
 
     stage2 = runs["fold-1-stage2"]  # a run per stage under its fold, with per-epoch metrics
-    assert stage2.data.tags["mlflow.parentRunId"] == fold1 and stage2.data.tags["gmpatl.reused"] == "false"
+    assert stage2.data.tags["mlflow.parentRunId"] == fold1 and stage2.data.tags["gmpatl.reused"] == "true"
     assert stage2.data.params["stage2.mask_length"] == "10"
     stage1_loss = client.get_metric_history(runs["fold-1-stage1"].info.run_id, "train_loss")
     assert [m.step for m in stage1_loss] == [0, 1]

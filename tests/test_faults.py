@@ -21,11 +21,10 @@ from pathlib import Path
 import pandas as pd
 import psutil
 import pytest
-from conftest import small_config
+from conftest import TINY_TRAINING, small_config
 from mlflow import MlflowClient
 from test_cli import GMPATL, run
 from test_jobs import BIN, free_port
-from test_pipeline import TINY_TRAINING
 
 from gmpatl_ray.artifacts import ArtifactCache
 from gmpatl_ray.config import dump_config
@@ -249,11 +248,12 @@ def mlflow_server(tmp_path):
 
 
 def test_what_is_logged_while_the_tracking_server_is_down_reaches_it_later(
-    tmp_path, mlflow_server, monkeypatch
+    small_corpus, trained_fold, ray_cluster, tmp_path, mlflow_server, monkeypatch
 ):
     """The server stops mid-run. In process, a tracker keeps logging and sends what waited once the
     server is back. A `gmpatl cv` that outlives the outage finishes its fold, names the file where its
-    records wait, and `gmpatl tracking-sync` delivers them: the server ends with the whole run tree."""
+    records wait, and `gmpatl tracking-sync` delivers them: the server ends with the whole run tree.
+    (The CV reuses the session's stage 1 and trains stage 3 on it, during which the server is down.)"""
     uri, start, stop = mlflow_server
     fail_fast = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "2"}
     for name, value in fail_fast.items():
@@ -265,7 +265,9 @@ def test_what_is_logged_while_the_tracking_server_is_down_reaches_it_later(
     tracker.metrics(run_id, {"loss": 3.0}, step=0)
 
     config = small_config(
-        tmp_path,
+        small_corpus[0],
+        f"experiment.output_dir={tmp_path / 'out'}",
+        f"experiment.cache_dir={trained_fold[0]}",
         f"train.storage_path={tmp_path / 'ray'}",
         f"tracking.uri={uri}",
         "tracking.experiment=outage",
@@ -279,7 +281,7 @@ def test_what_is_logged_while_the_tracking_server_is_down_reaches_it_later(
         [str(GMPATL), "cv", "--config", str(config_file), "--folds", "1"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-        env={**os.environ, **fail_fast},
+        env={**os.environ, **fail_fast, **ray_cluster},
     )
     wait_for("the fold's run on the server", lambda: "fold-1" in runs_by_name(client, "outage"), timeout=300)
     stop()

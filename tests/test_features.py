@@ -26,17 +26,18 @@ def reference_features(config, wave: np.ndarray, layer: int) -> np.ndarray:
     return out.hidden_states[hidden_state_index(layer, model.config.num_hidden_layers)][0].numpy()
 
 
-@pytest.mark.parametrize("batch_size", [1, 4])
-def test_features_match_a_plain_forward_pass_frame_for_frame(small_corpus, tmp_path, batch_size):
+@pytest.mark.parametrize(("batch_size", "actors"), [(1, 1), (4, 2)])
+def test_features_match_a_plain_forward_pass_frame_for_frame(small_corpus, tmp_path, batch_size, actors):
     folder, manifest = small_corpus
     config = small_config(
         folder,
         f"experiment.cache_dir={tmp_path}",
         f"extract.batch_size={batch_size}",
+        f"extract.actors={actors}",
         "extract.layers=[-1, -2]",
     )
     store, built = extract_features(config, manifest, ArtifactCache(tmp_path))
-    assert built and store.layers == [-1, -2] and store.dim == 32
+    assert built and store.layers == [-1, -2] and store.dim == 32 and store.artifact.meta["actors"] == actors
     index = store.index().set_index("utt_id")
     assert set(index.index) == set(manifest["utt_id"])
     model = load_backbone(config.backbone, config.experiment.seed)

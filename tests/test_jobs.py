@@ -15,9 +15,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, small_config
+from conftest import REPO, TINY_TRAINING, small_config
 from mlflow import MlflowClient
-from test_pipeline import TINY_TRAINING
 
 from gmpatl_ray.config import dump_config
 
@@ -92,17 +91,18 @@ def submit_when_ready(command: list[str], env: dict[str, str]) -> subprocess.Com
     return result
 
 
-def test_the_demo_cv_runs_as_a_submitted_job(ray_head, small_corpus, tmp_path):
+def test_the_demo_cv_runs_as_a_submitted_job(ray_head, small_corpus, trained_fold, tmp_path):
     address, env = ray_head
     folder, _ = small_corpus
+    cache, trained = trained_fold  # the stages have tests of their own; this one is about `ray job submit`
     config = small_config(
         folder,
         f"experiment.output_dir={tmp_path / 'out'}",
+        f"experiment.cache_dir={cache}",
         f"train.storage_path={tmp_path / 'ray'}",
         "tracking.experiment=job-test",
         "tracking.log_model=false",
         *TINY_TRAINING,
-        "stage2.enabled=false",  # the stages have tests of their own; this one is about `ray job submit`
     )
     config_file = tmp_path / "job.yaml"
     config_file.write_text(dump_config(config))
@@ -132,5 +132,5 @@ def test_the_demo_cv_runs_as_a_submitted_job(ray_head, small_corpus, tmp_path):
     experiment = client.get_experiment_by_name("job-test").experiment_id
     runs = {r.info.run_name: r for r in client.search_runs([experiment])}
     assert runs["cv-gmpatl-demo"].info.status == "FINISHED"
-    assert 0 <= runs["fold-1"].data.metrics["test_uar"] <= 1
+    assert runs["fold-1"].data.metrics["test_uar"] == pytest.approx(trained.uar, abs=1e-4)
     assert runs["fold-1"].data.tags["mlflow.parentRunId"] == runs["cv-gmpatl-demo"].info.run_id

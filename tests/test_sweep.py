@@ -9,16 +9,16 @@ import json
 import subprocess
 
 import pytest
-from conftest import REPO, small_config
+from conftest import REPO, TINY_TRAINING, small_config
 from mlflow import MlflowClient
 from test_cli import GMPATL, run
 from test_faults import kill_group, runs_by_name, start_group, wait_for
-from test_pipeline import TINY_TRAINING
 
 from gmpatl_ray.config import ConfigError, dump_config, load_config
 from gmpatl_ray.sweep import run_sweep, trial_config
 
-SPACE = "sweep={space: {stage3.margin: {grid: [0.1, 0.3]}, stage3.scale: {grid: [10, 30]}}}"
+SPACE = "sweep={space: {stage3.margin: {grid: [0.2, 0.3]}, stage3.scale: {grid: [10, 30]}}}"
+"""Holds the defaults (0.2, 30): the Table 3/4 and resume sweeps below reuse that trial's stages."""
 STAGES = ("stage1", "stage2", "stage3")
 
 
@@ -45,6 +45,7 @@ def sweep_config(folder, shared, name: str, *overrides: str):
         f"experiment.name={name}",
         "tracking.experiment=sweep-test",
         "tracking.log_model=false",
+        "train.cpus_per_worker=1",  # two trials' stages side by side on the 2 CPUs
         *TINY_TRAINING,
         *overrides,
     )
@@ -82,8 +83,8 @@ def test_four_trials_share_stages_1_and_2_per_fold(small_corpus, shared):
     table = run_sweep(config, manifest, [1])
     assert len(table) == 4 and (table["folds_done"] == 1).all()
     assert sorted(zip(table["stage3.margin"], table["stage3.scale"], strict=True)) == [
-        (0.1, 10),
-        (0.1, 30),
+        (0.2, 10),
+        (0.2, 30),
         (0.3, 10),
         (0.3, 30),
     ]
