@@ -212,6 +212,21 @@ def extraction_plan(extract: ExtractConfig) -> tuple[str, int]:
     return device, max(1, int(resources.get("CPU", 1) // extract.threads_per_actor))
 
 
+def feature_inputs(config: Config, manifest: pd.DataFrame) -> dict[str, Any]:
+    """Everything a feature store depends on (its fingerprint is theirs): the backbone, the layers, the
+    utterances and how their audio is cut. Not the batch size, actors or device: they change no value."""
+    extract = config.extract
+    return {
+        "backbone": backbone_identity(config.backbone, config.experiment.seed),
+        "layers": requested_layers(config),
+        "manifest": manifest_identity(manifest),
+        "sample_rate": config.data.sample_rate,
+        "long_audio": extract.long_audio,
+        "max_duration_s": extract.max_duration_s,
+        "precision": extract.precision,
+    }
+
+
 def extract_features(
     config: Config, manifest: pd.DataFrame, cache: ArtifactCache
 ) -> tuple[FeatureStore, bool]:
@@ -223,16 +238,7 @@ def extract_features(
     if config.backbone.random_init is not None:  # a pretrained model's depth is checked by the actors
         for layer in layers:
             hidden_state_index(layer, config.backbone.random_init.num_hidden_layers)
-    extract = config.extract
-    inputs = {
-        "backbone": backbone_identity(config.backbone, config.experiment.seed),
-        "layers": layers,
-        "manifest": manifest_identity(manifest),
-        "sample_rate": config.data.sample_rate,
-        "long_audio": extract.long_audio,
-        "max_duration_s": extract.max_duration_s,
-        "precision": extract.precision,
-    }
+    inputs = feature_inputs(config, manifest)
     key = fingerprint(inputs)
 
     def build(folder: Path) -> dict[str, Any]:

@@ -73,6 +73,20 @@ def small_corpus(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def small_features(small_corpus, ray_cluster, tmp_path_factory):
+    """The small corpus's features under ``small_config`` (layer -2 of the tiny random HuBERT), extracted
+    once for the session in a cache of its own: (config, manifest, store, cache)."""
+    from gmpatl_ray.artifacts import ArtifactCache
+    from gmpatl_ray.features import extract_features
+
+    folder, manifest = small_corpus
+    config, cache = small_config(folder), ArtifactCache(tmp_path_factory.mktemp("features"))
+    store, built = extract_features(config, manifest, cache)
+    assert built
+    return config, manifest, store, cache
+
+
+@pytest.fixture(scope="session")
 def trained_fold(small_corpus, ray_cluster, tmp_path_factory):
     """Fold 1 of the small corpus through every stage with TINY_TRAINING, once for the session, in a stage
     cache of its own. Tests of what surrounds training (the CLI, MLflow, job submission, tracking

@@ -103,9 +103,13 @@ def test_extract_cluster_and_report_through_a_local_ray_cluster(ray_cluster, tmp
     assert "| layer |" in report.stdout.replace("   ", " ").replace("  ", " ")
 
 
-def test_impossible_scale_exits_2_naming_the_field(ray_cluster, tmp_path):
+def test_impossible_scale_exits_2_naming_the_field(small_corpus, small_features, ray_cluster, tmp_path):
+    """Found once the frames are counted: the features come from the session's store."""
     config_file = tmp_path / "small.yaml"
-    config_file.write_text(dump_config(small_config(tmp_path, "gmp.scales=[4, 1000000]")))
+    cache = small_features[3].root
+    overrides = [f"experiment.output_dir={tmp_path}", f"experiment.cache_dir={cache}"]
+    overrides.append("gmp.scales=[4, 1000000]")
+    config_file.write_text(dump_config(small_config(small_corpus[0], *overrides)))
     result = run(str(GMPATL), "cluster", "--config", str(config_file), env=ray_cluster)
     assert result.returncode == 2, result.stderr[-3000:]
     assert "gmp.scales: k=1000000 is larger than the" in result.stderr
@@ -171,9 +175,9 @@ def test_cv_runs_the_folds_and_tracks_them_in_mlflow(small_corpus, trained_fold,
     assert reported["uar"].tolist() == pytest.approx(table.sort_values("fold")["uar"].tolist(), abs=1e-4)
 
 
-def test_unknown_fold_exits_2(tmp_path):
+def test_unknown_fold_exits_2(small_corpus, tmp_path):
     config_file = tmp_path / "small.yaml"
-    config_file.write_text(dump_config(small_config(tmp_path)))
+    config_file.write_text(dump_config(small_config(small_corpus[0], f"experiment.output_dir={tmp_path}")))
     result = run(str(GMPATL), "cv", "--config", str(config_file), "--folds", "1,7")
     assert result.returncode == 2
     assert "--folds 1,7: no fold ['7']; the manifest's folds are [1, 2]" in result.stderr

@@ -29,7 +29,6 @@ from test_jobs import BIN, free_port
 from gmpatl_ray.artifacts import ArtifactCache
 from gmpatl_ray.config import dump_config
 from gmpatl_ray.cv import split_fold
-from gmpatl_ray.data.manifest import read_manifest
 from gmpatl_ray.pipeline import run_fold
 from gmpatl_ray.stages.stage1 import run_stage1
 from gmpatl_ray.tracking import Tracker
@@ -163,23 +162,34 @@ def runs_by_name(client: MlflowClient, experiment: str) -> dict[str, list]:
     return by_name
 
 
-def test_a_killed_cv_driver_reruns_into_the_same_runs_and_resumes_the_stage(tmp_path):
+@pytest.mark.usefixtures("ray_cluster")
+def test_a_killed_cv_driver_reruns_into_the_same_runs_and_resumes_the_stage(
+    small_corpus, fault_cache, tmp_path
+):
     """Kill `gmpatl cv` (and its Ray cluster) in fold 2's stage 1, run it again: fold 1 is reused, stage 1
-    of fold 2 resumes from its checkpoint, and MLflow holds one parent and one run per fold and stage."""
+    of fold 2 resumes from its checkpoint, and MLflow holds one parent and one run per fold and stage.
+    (Fold 1's stage 1 comes from the worker-kill tests' cache, so the only stage 1 trained is fold 2's.)"""
+    folder, manifest = small_corpus
     config = small_config(
-        tmp_path,
+        folder,
+        f"experiment.output_dir={tmp_path / 'out'}",
+        f"experiment.cache_dir={fault_cache / 'cache'}",
         f"train.storage_path={tmp_path / 'ray'}",
         "tracking.experiment=crash",
         "tracking.log_model=false",
         "stage2.enabled=false",
         *FAULT_TRAINING,
     )
+    fold1 = split_fold(manifest, 1, config.train.val_fraction, config.experiment.seed)
+    elsewhere = config.model_copy(
+        update={"train": config.train.model_copy(update={"storage_path": str(fault_cache / "ray")})}
+    )
+    run_stage1(elsewhere, fold1, ArtifactCache(fault_cache / "cache"))  # built already unless run alone
     config_file = tmp_path / "crash.yaml"
     config_file.write_text(dump_config(config))
     command = [str(GMPATL), "cv", "--config", str(config_file), "--folds", "1,2"]
     driver = start_group(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    stage1_runs = lambda: {c.split("/")[0] for c in checkpoints(tmp_path / "ray", "stage1")}  # noqa: E731
-    wait_for("fold 2's stage 1 to checkpoint", lambda: len(stage1_runs()) == 2, timeout=400)
+    wait_for("fold 2's stage 1 to checkpoint", lambda: checkpoints(tmp_path / "ray", "stage1"), timeout=400)
     kill_group(driver)
     assert "fold 1: WAR" in driver.stdout.read()
 
@@ -204,9 +214,8 @@ def test_a_killed_cv_driver_reruns_into_the_same_runs_and_resumes_the_stage(tmp_
     assert runs["fold-2"][0].data.tags["gmpatl.resumed"] == "true"
     assert "gmpatl.resumed" not in runs["fold-1"][0].data.tags  # finished before the crash: left as it was
 
-    cache = ArtifactCache(tmp_path / "cache")
+    cache = ArtifactCache(fault_cache / "cache")
     stage1 = cache.load("stage1", runs["fold-2-stage1"][0].data.params["fingerprint"])
-    manifest = read_manifest(config.data.manifest, config.data.emotions)
     split = split_fold(manifest, 2, config.train.val_fraction, config.experiment.seed)
     assert_resumed_to_the_end(stage1, 5, math.ceil(len(split.train) / 8))
     resumed_at = str(stage1.meta["resumed_at_epochs"][0])

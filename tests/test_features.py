@@ -3,6 +3,7 @@ fingerprint reuse and invalidation, corrupt artifacts, bad configs."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -10,9 +11,9 @@ import pytest
 import torch
 from conftest import small_config
 
-from gmpatl_ray.artifacts import ArtifactCache
+from gmpatl_ray.artifacts import ArtifactCache, fingerprint
 from gmpatl_ray.data.audio import load_audio
-from gmpatl_ray.features import chunk_bounds, extract_features
+from gmpatl_ray.features import chunk_bounds, extract_features, feature_inputs
 from gmpatl_ray.models.backbone import BackboneError, frame_counts, hidden_state_index, load_backbone
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
@@ -90,31 +91,34 @@ def test_chunk_frames_add_up_to_the_whole(samples):
     assert all(b - a <= 16000 for a, b in bounds)
 
 
-def test_rerun_reuses_and_changes_invalidate(small_corpus, tmp_path):
-    folder, manifest = small_corpus
-    cache = ArtifactCache(tmp_path)
-    config = small_config(folder)
-    first, built = extract_features(config, manifest, cache)
-    assert built
+def test_rerun_reuses_and_changes_invalidate(small_features):
+    config, manifest, store, cache = small_features
     again, built = extract_features(config, manifest, cache)
-    assert not built and again.path == first.path
-    other_layer, built = extract_features(small_config(folder, "gmp.layer=-1"), manifest, cache)
-    assert built and other_layer.path != first.path
-    fewer, built = extract_features(config, manifest.iloc[:-1], cache)
-    assert built and fewer.path != first.path
-    other_seed, built = extract_features(small_config(folder, "experiment.seed=1"), manifest, cache)
-    assert built and other_seed.path != first.path  # another random backbone
+    assert not built and again.path == store.path
+    assert store.path.name == fingerprint(feature_inputs(config, manifest))  # what names the store
+
+    folder = Path(config.data.root).parent
+    changed = {  # each one names another store, so the cache builds it anew
+        "layer": (small_config(folder, "gmp.layer=-1"), manifest),
+        "utterances": (config, manifest.iloc[:-1]),
+        "seed (another random backbone)": (small_config(folder, "experiment.seed=1"), manifest),
+        "cut": (small_config(folder, "extract.max_duration_s=1.0"), manifest),
+    }
+    for what, (other, rows) in changed.items():
+        assert fingerprint(feature_inputs(other, rows)) != store.path.name, what
+    unchanged = small_config(folder, "extract.batch_size=1", "extract.actors=2")  # no value changes
+    assert fingerprint(feature_inputs(unchanged, manifest)) == store.path.name
 
 
-def test_a_truncated_store_is_rebuilt_not_trusted(small_corpus, tmp_path):
-    folder, manifest = small_corpus
+def test_a_truncated_store_is_rebuilt_not_trusted(small_features, tmp_path):
+    config, manifest, complete, _ = small_features
     cache = ArtifactCache(tmp_path)
-    config = small_config(folder)
-    store, _ = extract_features(config, manifest, cache)
-    shard = sorted((store.path / "parquet").glob("*.parquet"))[0]
+    copy = cache.folder("features", complete.path.name)
+    shutil.copytree(complete.path, copy)
+    shard = sorted((copy / "parquet").glob("*.parquet"))[0]
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     rebuilt, built = extract_features(config, manifest, cache)
-    assert built and rebuilt.path == store.path
+    assert built and rebuilt.path == copy
     assert sum(1 for _ in rebuilt.iter_layer(-2)) == len(manifest)
 
 

@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import small_config
 
 from gmpatl_ray.artifacts import ArtifactCache
 from gmpatl_ray.clustering import assign, fit_kmeans, gpu_available
 from gmpatl_ray.errors import InputError
-from gmpatl_ray.features import extract_features
 from gmpatl_ray.gmp import build_gmps, build_gmps_on_cluster
 from gmpatl_ray.gmp_report import label_quality, purity
 
@@ -56,11 +54,9 @@ def test_purity_by_hand():
 
 
 @pytest.fixture(scope="module")
-def features(small_corpus, ray_cluster, tmp_path_factory):
-    folder, manifest = small_corpus
-    cache = ArtifactCache(tmp_path_factory.mktemp("gmp-cache"))
-    store, _ = extract_features(small_config(folder), manifest, cache)
-    return small_config(folder), manifest, store
+def features(small_features):
+    config, manifest, store, _ = small_features
+    return config, manifest, store
 
 
 def test_every_frame_gets_a_label_at_every_scale(features, tmp_path):

@@ -6,6 +6,7 @@ whose driver is killed resumes, and a trial that always raises is retried, then 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 
 import pytest
@@ -147,7 +148,9 @@ def test_the_papers_tables_run_as_sweeps_and_report(small_corpus, shared, table,
 
 @pytest.mark.slow
 @pytest.mark.faults
-def test_a_killed_sweep_resumes_without_rerunning_and_a_failing_trial_is_marked_failed(small_corpus, shared):
+def test_a_killed_sweep_resumes_without_rerunning_and_a_failing_trial_is_marked_failed(
+    small_corpus, shared, ray_cluster
+):
     """Two trials, one at a time: scales [4, 8] works, [100000] raises (more clusters than frames) on
     every try. The driver is killed as soon as the first trial's CV has finished (before Tune may have
     recorded it); `--resume` recomputes nothing and logs nothing twice for it, retries the other up to
@@ -174,14 +177,15 @@ def test_a_killed_sweep_resumes_without_rerunning_and_a_failing_trial_is_marked_
             if r.data.tags.get("gmpatl.param.gmp.scales") == scales
         ]
 
-    driver = start_group(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    environment = {**os.environ, **ray_cluster}  # the driver joins the session's cluster, as a job does
+    driver = start_group(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=environment)
     finished_runs = lambda: [r for r in trial_runs("[4, 8]") if r.info.status == "FINISHED"]  # noqa: E731
     [first] = wait_for("the first trial's CV to finish", finished_runs, timeout=400)
     assert driver.poll() is None  # the second trial is still to come: this kill is mid-sweep
     kill_group(driver)
     trained = built_runs(shared)
 
-    result = run(*command, "--resume")
+    result = run(*command, "--resume", env=ray_cluster)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "1 of 2 trial(s) failed" in result.stdout
     finished = [line for line in result.stdout.splitlines() if "| finished" in line]
