@@ -73,8 +73,10 @@ def test_job_entrypoint_runs_the_submitted_copy(tmp_path):
 
 @pytest.mark.slow
 def test_extract_cluster_and_report_through_a_local_ray_cluster(ray_cluster, tmp_path):
+    """`cluster` extracts every layer in `extract.layers` and clusters `gmp.layer`; `gmp-report` then reuses
+    those features and clusters the other layer too."""
     config_file = tmp_path / "small.yaml"
-    config_file.write_text(dump_config(small_config(tmp_path)))
+    config_file.write_text(dump_config(small_config(tmp_path, "extract.layers=[-1, -2]")))
 
     first = run(str(GMPATL), "cluster", "--config", str(config_file), env=ray_cluster)
     assert first.returncode == 0, first.stderr[-3000:]
@@ -87,16 +89,9 @@ def test_extract_cluster_and_report_through_a_local_ray_cluster(ray_cluster, tmp
     assert again.returncode == 0, again.stderr[-3000:]
     assert "features reused" in again.stdout and "GMPs reused for layer -2" in again.stdout
 
-    report = run(
-        str(GMPATL),
-        "gmp-report",
-        "--config",
-        str(config_file),
-        "--set",
-        "extract.layers=[-1, -2]",
-        env=ray_cluster,
-    )
+    report = run(str(GMPATL), "gmp-report", "--config", str(config_file), env=ray_cluster)
     assert report.returncode == 0, report.stderr[-3000:]
+    assert "features reused" in report.stdout, report.stdout
     table = pd.read_csv(tmp_path / "out" / "reports" / "gmp_report.csv")
     assert sorted(zip(table["layer"], table["scale"], strict=True)) == [(-2, 4), (-2, 8), (-1, 4), (-1, 8)]
     assert (tmp_path / "out" / "reports" / "gmp_report.png").stat().st_size > 10_000
