@@ -28,22 +28,15 @@ from gmpatl_ray.training import emotion_rows, fit  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--base", action="store_true", help="HuBERT base's sizes instead of the demo's")
-    parser.add_argument("--workdir", default=str(REPO / "outputs" / "benchmarks"))
-    args = parser.parse_args()
-
-    cores = os.cpu_count() or 1
-    base = ["backbone.random_init={}"] if args.base else []
+def stage1_setup(workdir: str, epochs: int, base: bool = False) -> tuple:
+    """The demo config (HuBERT base's sizes with ``base``), fold 1's split and stage 1's loop inputs."""
     config = load_config(
         REPO / "configs" / "demo.yaml",
         [
-            f"data.root={args.workdir}/IEMOCAP_demo",
-            f"data.manifest={args.workdir}/manifest.csv",
-            f"stage1.optim.epochs={args.epochs}",
-            *base,
+            f"data.root={workdir}/IEMOCAP_demo",
+            f"data.manifest={workdir}/manifest.csv",
+            f"stage1.optim.epochs={epochs}",
+            *(["backbone.random_init={}"] if base else []),
         ],
     )
     split = split_fold(load_or_prepare(config.data), 1, config.train.val_fraction, config.experiment.seed)
@@ -53,6 +46,34 @@ def main() -> None:
         "train": emotion_rows(split.train, emotions),
         "val": emotion_rows(split.val, emotions),
     }
+    return config, split, loop
+
+
+def timed_fit(config, loop: dict, name: str, **train_settings) -> tuple[dict, float]:
+    """Stage 1 through the real Ray Train path (``fit``) with ``train_settings`` changed; (state, wall s)."""
+    train = config.train.model_copy(update={"max_failures": 0, **train_settings})
+    run = config.model_copy(update={"train": train})
+    with tempfile.TemporaryDirectory() as storage:
+        started = time.perf_counter()
+        state = fit(
+            "gmpatl_ray.stages.stage1",
+            "stage1",
+            loop | {"config": run.model_dump(mode="json")},
+            train.model_copy(update={"storage_path": storage}),
+            name=name,
+        )
+        return state, time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--base", action="store_true", help="HuBERT base's sizes instead of the demo's")
+    parser.add_argument("--workdir", default=str(REPO / "outputs" / "benchmarks"))
+    args = parser.parse_args()
+
+    cores = os.cpu_count() or 1
+    config, split, loop = stage1_setup(args.workdir, args.epochs, args.base)
     audio_s = split.train["duration_s"].sum()
     size = "HuBERT base size" if args.base else "demo HuBERT"
     print(
@@ -65,21 +86,9 @@ def main() -> None:
     ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False)
     results = {}
     for workers in (1, cores):
-        train = config.train.model_copy(
-            update={"num_workers": workers, "cpus_per_worker": cores // workers, "max_failures": 0}
+        state, wall = timed_fit(
+            config, loop, f"bench-{workers}", num_workers=workers, cpus_per_worker=cores // workers
         )
-        run = config.model_copy(update={"train": train})
-        with tempfile.TemporaryDirectory() as storage:
-            train = train.model_copy(update={"storage_path": storage})
-            started = time.perf_counter()
-            state = fit(
-                "gmpatl_ray.stages.stage1",
-                "stage1",
-                loop | {"config": run.model_dump(mode="json")},
-                train,
-                name=f"bench-{workers}",
-            )
-            wall = time.perf_counter() - started
         steady = [h["train_utterances_per_s"] for h in state["history"][1:]] or [
             state["history"][0]["train_utterances_per_s"]
         ]

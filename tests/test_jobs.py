@@ -71,12 +71,10 @@ def ray_head():
             pytest.fail("the Ray head's job API did not come up in 120 s")
         yield address, env
     finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=10)
-        except subprocess.TimeoutExpired:  # the whole group: GCS, raylet, dashboard, workers
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait(timeout=30)
+        # The whole group at once (GCS, raylet, dashboard, workers): `ray start --block` takes over 10 s
+        # to stop on SIGTERM, and nothing of this throwaway head needs a clean shutdown.
+        os.killpg(head.pid, signal.SIGKILL)
+        head.wait(timeout=30)
         shutil.rmtree(temp, ignore_errors=True)
 
 
