@@ -234,11 +234,11 @@ def extract_features(
     with Ray Data on the connected Ray cluster. Returns the store and whether this call built it."""
     from .models.backbone import hidden_state_index
 
-    layers = requested_layers(config)
+    inputs = feature_inputs(config, manifest)
+    layers = inputs["layers"]
     if config.backbone.random_init is not None:  # a pretrained model's depth is checked by the actors
         for layer in layers:
             hidden_state_index(layer, config.backbone.random_init.num_hidden_layers)
-    inputs = feature_inputs(config, manifest)
     key = fingerprint(inputs)
 
     def build(folder: Path) -> dict[str, Any]:

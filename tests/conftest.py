@@ -91,7 +91,7 @@ def trained_fold(small_corpus, ray_cluster, tmp_path_factory):
     """Fold 1 of the small corpus through every stage with TINY_TRAINING, once for the session, in a stage
     cache of its own. Tests of what surrounds training (the CLI, MLflow, job submission, tracking
     outages) point ``experiment.cache_dir`` at it and reuse the stages instead of training them again.
-    Yields the cache folder and the fold's first (building) result."""
+    Returns the cache folder and the fold's first (building) result."""
     from gmpatl_ray.artifacts import ArtifactCache
     from gmpatl_ray.pipeline import run_fold
 

@@ -91,13 +91,13 @@ def test_chunk_frames_add_up_to_the_whole(samples):
     assert all(b - a <= 16000 for a, b in bounds)
 
 
-def test_rerun_reuses_and_changes_invalidate(small_features):
+def test_rerun_reuses_and_changes_invalidate(small_corpus, small_features):
+    folder, _ = small_corpus
     config, manifest, store, cache = small_features
     again, built = extract_features(config, manifest, cache)
     assert not built and again.path == store.path
     assert store.path.name == fingerprint(feature_inputs(config, manifest))  # what names the store
 
-    folder = Path(config.data.root).parent
     changed = {  # each one names another store, so the cache builds it anew
         "layer": (small_config(folder, "gmp.layer=-1"), manifest),
         "utterances": (config, manifest.iloc[:-1]),
