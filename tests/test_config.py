@@ -61,6 +61,13 @@ def test_errors_name_the_file_and_every_field(tmp_path):
     assert "gmp.scales.1: Input should be a valid integer" in message
 
 
+def test_the_worker_check_interval_must_be_positive():
+    with pytest.raises(ConfigError, match=r"train.poll_interval_s: Input should be greater than 0 \(got 0\)"):
+        load_config(None, ["train.poll_interval_s=0"])
+    assert load_config(CONFIGS / "demo.yaml").train.poll_interval_s == 0.25
+    assert load_config(None).train.poll_interval_s == 2.0  # Ray's own default unless a config says so
+
+
 def test_strings_are_not_numbers():
     with pytest.raises(ConfigError, match=r"stage3.margin: Input should be a valid number \(got '0.2'\)"):
         load_config(None, ["stage3.margin='0.2'"])
