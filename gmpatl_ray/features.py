@@ -5,8 +5,9 @@ Module-level imports stay light (no torch): Ray workers that run the decode task
 neighbours, and a torch import in each of them costs seconds of CPU the actors need.
 
 The store has one row per utterance: ``utt_id``, ``frames`` (HuBERT frames at 50 a second for the audio as
-used, i.e. after cropping) and one binary column per layer, ``layer-3`` etc., holding ``frames x dim``
-float16 values in row-major order. Parquet is columnar, so reading one layer reads only that column.
+used, i.e. after cropping), ``dim``, ``audio_s`` and one binary column per layer, ``layer-3`` etc., holding
+``frames x dim`` float16 values in row-major order. Parquet is columnar, so reading one layer reads only
+that column, and counting the store reads none.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
 from .artifacts import Artifact, ArtifactCache, file_sha256, fingerprint
@@ -103,14 +105,14 @@ def chunk_bounds(
 
     A chunk of ``stride * k + (receptive_field - stride)`` samples yields k frames, and the next chunk starts
     ``stride * k`` later, so the chunks' frames are the whole waveform's frames in order (each frame computed
-    with context from its own chunk only).
+    with context from its own chunk only). A tail shorter than the receptive field holds no frame of the
+    whole waveform either, so it gets no chunk (it would be a chunk of zero frames).
     """
     overlap = receptive_field - stride
     per_chunk = max(1, (max_samples - overlap) // stride)
     step = per_chunk * stride
-    return [
-        (start, min(start + step + overlap, num_samples)) for start in range(0, num_samples - overlap, step)
-    ]
+    last_start = max(0, num_samples - receptive_field)
+    return [(start, min(start + step + overlap, num_samples)) for start in range(0, last_start + 1, step)]
 
 
 class HubertExtractor:
@@ -127,7 +129,7 @@ class HubertExtractor:
     ):
         import torch
 
-        from .models.backbone import load_backbone, truncate_layers
+        from .models.backbone import conv_geometry, load_backbone, truncate_layers
 
         if device == "cpu":
             torch.set_num_threads(extract.threads_per_actor)
@@ -137,11 +139,7 @@ class HubertExtractor:
         self.batch_size = extract.batch_size
         self.model = truncate_layers(load_backbone(backbone, seed), max(layers)).eval().to(self.device)
         self.autocast = extract.precision == "bf16"
-        conv = self.model.config
-        self.stride = int(np.prod(conv.conv_stride))
-        self.receptive_field = 1
-        for kernel, stride in zip(reversed(conv.conv_kernel), reversed(conv.conv_stride), strict=True):
-            self.receptive_field = (self.receptive_field - 1) * stride + kernel
+        self.stride, self.receptive_field = conv_geometry(self.model.config)
         self.sample_rate = sample_rate
         self.max_samples = None if extract.long_audio == "crop" else int(extract.max_duration_s * sample_rate)
 
@@ -164,6 +162,7 @@ class HubertExtractor:
         out: dict[str, Any] = {
             "utt_id": batch["utt_id"],
             "frames": np.array([len(results[i][self.layers[0]]) for i in order], dtype=np.int64),
+            "dim": np.full(len(order), self.model.config.hidden_size, dtype=np.int64),
             "audio_s": np.array([len(w) / self.sample_rate for w in batch["audio"]]),
         }
         for layer in self.layers:
@@ -288,19 +287,24 @@ def _run_pipeline(config: Config, manifest: pd.DataFrame, layers: list[int], out
     )
     ds.write_parquet(str(out), ray_remote_args={"num_cpus": IO_TASK_CPUS})
     seconds = time.perf_counter() - start
-    table = pads.dataset(out, format="parquet").to_table(
-        columns=["frames", "audio_s", layer_column(layers[0])]
-    )
-    frames = table.column("frames").to_numpy()
-    first_blob = table.column(layer_column(layers[0]))[0].as_py()
-    audio_s = float(table.column("audio_s").to_numpy().sum())
+    summary = store_summary(out)
     return {
-        "dim": len(first_blob) // 2 // int(frames[0]),
-        "utterances": table.num_rows,
-        "frames": int(frames.sum()),
-        "audio_s": audio_s,
+        **summary,
         "seconds": seconds,
-        "audio_s_per_s": audio_s / seconds,
+        "audio_s_per_s": summary["audio_s"] / seconds,
         "device": device,
         "actors": actors,
+    }
+
+
+def store_summary(folder: str | Path) -> dict[str, Any]:
+    """Utterances, frames, audio seconds and feature width of a written store, from its small columns
+    alone: no feature is read (a layer's column is gigabytes at IEMOCAP scale)."""
+    counts = pads.dataset(folder, format="parquet").to_table(columns=["frames", "audio_s", "dim"])
+    (dim,) = pc.unique(counts.column("dim")).to_pylist()  # one backbone wrote every row
+    return {
+        "dim": dim,
+        "utterances": counts.num_rows,
+        "frames": int(pc.sum(counts.column("frames")).as_py()),
+        "audio_s": float(pc.sum(counts.column("audio_s")).as_py()),
     }

@@ -3,7 +3,10 @@ fingerprint reuse and invalidation, corrupt artifacts, bad configs."""
 
 from __future__ import annotations
 
+import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -81,14 +84,64 @@ def test_long_audio_is_chunked_frame_exactly_or_cropped(small_corpus, tmp_path):
     )
 
 
-@pytest.mark.parametrize("samples", [400, 16000, 16080, 33333, 480000])
+@pytest.mark.parametrize("samples", [400, 15761, 16000, 16079, 16080, 33333, 480000])
 def test_chunk_frames_add_up_to_the_whole(samples):
+    """Every chunk yields frames, and together exactly the whole waveform's; a tail of 81..399 samples
+    after the last full chunk (15761..16079 here) holds no frame of the whole and gets no chunk."""
     model = load_backbone(small_config(Path("/unused")).backbone)
     bounds = chunk_bounds(samples, 16000, 320, 400)
-    total = sum(int(frame_counts(model, torch.tensor([b - a]))[0]) for a, b in bounds)
-    assert total == int(frame_counts(model, torch.tensor([samples]))[0])
-    assert bounds[0][0] == 0 and bounds[-1][1] == samples
+    per_chunk = [int(frame_counts(model, torch.tensor([b - a]))[0]) for a, b in bounds]
+    whole = int(frame_counts(model, torch.tensor([samples]))[0])
+    assert sum(per_chunk) == whole and min(per_chunk) >= 1
+    assert bounds[0][0] == 0 and (whole - 1) * 320 + 400 <= bounds[-1][1] <= samples  # the last frame's end
     assert all(b - a <= 16000 for a, b in bounds)
+
+
+def test_a_tail_shorter_than_a_frame_does_not_crash_extraction_one_at_a_time(tmp_path):
+    """16079 samples in chunks of at most 1 s: 49 frames in one chunk, and a tail that used to be a chunk of
+    its own, (15680, 16079): no frame, and too short for HuBERT's CNN ("Kernel size can't be greater than
+    actual input size" in a forward pass of batch size 1)."""
+    from gmpatl_ray.features import HubertExtractor
+
+    config = small_config(tmp_path, "extract.max_duration_s=1.0", "extract.batch_size=1")
+    extractor = HubertExtractor(config.backbone, 0, [-2], config.extract, "cpu", 16000)
+    wave = np.random.default_rng(0).standard_normal(16079).astype(np.float32) * 0.1
+    out = extractor({"utt_id": np.array(["u"]), "audio": [wave]})
+    assert out["frames"].tolist() == [49]
+    features = np.frombuffer(out["layer-2"][0], dtype=np.float16).reshape(49, 32)
+    np.testing.assert_allclose(features, reference_features(config, wave[:15760], -2), atol=2e-2, rtol=1e-2)
+
+
+def test_the_store_summary_reads_no_feature(tmp_path):
+    """A store of 64 utterances x 2 MB of features in 4 files: counting it reads the small columns only (it
+    used to read a whole feature column into the driver, gigabytes at IEMOCAP scale). Measured as the peak
+    of Arrow's memory pool in a fresh process."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    frames, dim = 1000, 1024
+    for part in range(4):
+        blobs = [np.full((frames, dim), i, dtype=np.float16).tobytes() for i in range(16)]
+        table = pa.table(
+            {
+                "utt_id": [f"u{part}_{i}" for i in range(16)],
+                "frames": np.full(16, frames, dtype=np.int64),
+                "dim": np.full(16, dim, dtype=np.int64),
+                "audio_s": np.full(16, 20.0),
+                "layer-3": pa.array(blobs, type=pa.binary()),
+            }
+        )
+        pq.write_table(table, tmp_path / f"part{part}.parquet")
+    code = (
+        "import json, sys, pyarrow as pa; from gmpatl_ray.features import store_summary; "
+        "print(json.dumps([store_summary(sys.argv[1]), pa.default_memory_pool().max_memory()]))"
+    )
+    result = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary, peak = json.loads(result.stdout.splitlines()[-1])
+    assert summary == {"dim": dim, "utterances": 64, "frames": 64 * frames, "audio_s": 64 * 20.0}
+    one_utterance = frames * dim * 2
+    assert peak < one_utterance, f"peak {peak / 2**20:.1f} MiB: features were read"
 
 
 def test_rerun_reuses_and_changes_invalidate(small_corpus, small_features):

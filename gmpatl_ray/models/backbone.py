@@ -84,6 +84,16 @@ def truncate_layers(model: HubertModel, deepest: int) -> HubertModel:
     return model
 
 
+def conv_geometry(config) -> tuple[int, int]:
+    """(stride, receptive field) of the CNN feature encoder in samples (320 and 400 for HuBERT): a frame
+    every ``stride`` samples, each computed from ``receptive field`` samples."""
+    stride, receptive_field = 1, 1
+    for kernel, step in zip(reversed(config.conv_kernel), reversed(config.conv_stride), strict=True):
+        receptive_field = (receptive_field - 1) * step + kernel
+        stride *= step
+    return stride, receptive_field
+
+
 def frame_counts(model: HubertModel, num_samples: torch.Tensor) -> torch.Tensor:
     """HuBERT frames (50 a second) for waveforms of ``num_samples`` samples."""
     return model._get_feat_extract_output_lengths(num_samples).long()
