@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gmpatl_ray.config import load_config  # noqa: E402
-from gmpatl_ray.cv import split_fold  # noqa: E402
+from gmpatl_ray.cv import fold_split  # noqa: E402
 from gmpatl_ray.data.prepare import load_or_prepare  # noqa: E402
 from gmpatl_ray.training import emotion_rows, fit  # noqa: E402
 
@@ -39,7 +39,7 @@ def stage1_setup(workdir: str, epochs: int, base: bool = False) -> tuple:
             *(["backbone.random_init={}"] if base else []),
         ],
     )
-    split = split_fold(load_or_prepare(config.data), 1, config.train.val_fraction, config.experiment.seed)
+    split = fold_split(config, load_or_prepare(config.data), 1)
     emotions = config.data.emotions
     loop = {
         "config": None,

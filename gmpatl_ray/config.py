@@ -188,8 +188,13 @@ class TrainConfig(_Section):
     """Worker failures a stage survives by restarting from its last checkpoint."""
     storage_path: str = "outputs/ray_train"
     """Ray Train's run folder (checkpoints); default ``<output_dir>/ray_train``."""
+    validation: Literal["stratified", "session"] = "stratified"
+    """The utterances that pick each stage's best epoch, carved out of the training folds. ``stratified``:
+    ``val_fraction`` of each emotion, drawn with the seed; they share speakers with training, so selection
+    is optimistic. ``session``: the whole fold after the test fold (speakers training never sees), at the
+    cost of that fold's training data (a quarter of it on IEMOCAP's five sessions). The paper does not say."""
     val_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.1
-    """Share of the training folds held out (per emotion) to pick the best epoch."""
+    """Share of the training folds held out (per emotion) to pick the best epoch (``stratified``)."""
     max_duration_s: PositiveFloat = 8.0
     """Training crops longer utterances to a random window of this length (memory); evaluation does not."""
     freeze_feature_encoder: bool = True
@@ -198,10 +203,32 @@ class TrainConfig(_Section):
     """bf16 autocast of the forward pass (GPUs from Ampere on; CPUs run it too, slowly without AMX)."""
     gradient_checkpointing: bool = False
     """Recompute HuBERT's transformer layers in the backward pass: less GPU memory, about a third slower."""
+    checkpoints_to_keep: PositiveInt = 1
+    """Ray Train checkpoints kept while a stage runs (each holds the model, its best epoch's copy and the
+    optimizer: over 1 GB for HuBERT base). Resuming needs the latest one only."""
+    keep_run_folders: bool = False
+    """Keep a stage's Ray Train run folder (its checkpoints) once the stage's artifact is in the cache, for
+    debugging. By default it is removed then: the artifact holds everything later steps use."""
+    eval_batch_s: PositiveFloat = 160.0
+    """Validation and test forward passes hold at most this many seconds of padded audio (utterances
+    grouped by length), so memory does not follow the training batch size or the longest file."""
+    eval_max_duration_s: PositiveFloat = 20.0
+    """Longer utterances are evaluated in frame-exact chunks of at most this length whose HuBERT frames are
+    joined again before the utterance head, so one long file never decides the memory peak. Shorter ones
+    get exactly the frames of a lone forward pass."""
     poll_interval_s: PositiveFloat = 2.0
     """How often Ray Train's controller checks its workers (``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``, Ray's
     default 2 s). Each stage waits for several checks between start-up phases, so short stages (the demo,
     tests) run seconds faster with a fraction of a second; long ones do not notice."""
+
+    @model_validator(mode="after")
+    def _chunks_fit_a_batch(self) -> TrainConfig:
+        if self.eval_max_duration_s > self.eval_batch_s:
+            raise ValueError(
+                f"eval_max_duration_s ({self.eval_max_duration_s}) must not exceed eval_batch_s "
+                f"({self.eval_batch_s}): one evaluation chunk has to fit one evaluation batch"
+            )
+        return self
 
 
 class Stage1Config(_Section):

@@ -1,15 +1,21 @@
 """Leave-one-fold-out splits: fold k tests on its own utterances and trains on every other fold; the
-validation set for model selection is carved out of the training folds, never the test fold."""
+validation set for model selection is carved out of the training folds, never the test fold: a seeded share
+of each emotion (``stratified``, the same speakers as training) or the whole next fold (``session``, speakers
+training never sees)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from .data.manifest import fold_column, folds
 from .errors import InputError
+
+if TYPE_CHECKING:
+    from .config import Config
 
 
 @dataclass(frozen=True)
@@ -20,8 +26,17 @@ class FoldSplit:
     test: pd.DataFrame
 
 
-def split_fold(manifest: pd.DataFrame, fold, val_fraction: float, seed: int) -> FoldSplit:
-    """Train/validation/test for ``fold``; the validation share is drawn per emotion (stratified), seeded."""
+def fold_split(config: Config, manifest: pd.DataFrame, fold) -> FoldSplit:
+    """The split that ``config`` trains and selects fold ``fold``'s models on."""
+    train = config.train
+    return split_fold(manifest, fold, train.val_fraction, config.experiment.seed, train.validation)
+
+
+def split_fold(
+    manifest: pd.DataFrame, fold, val_fraction: float, seed: int, validation: str = "stratified"
+) -> FoldSplit:
+    """Train/validation/test for ``fold``. ``stratified``: ``val_fraction`` of each emotion of the training
+    folds, drawn with ``seed``. ``session``: the fold after ``fold`` (in sorted order, wrapping round)."""
     column = fold_column(manifest)
     available = folds(manifest)
     if fold not in available:
@@ -32,6 +47,8 @@ def split_fold(manifest: pd.DataFrame, fold, val_fraction: float, seed: int) -> 
     rest = manifest[manifest[column] != fold]
     if rest.empty:
         raise InputError(f"fold {fold!r} leaves no training utterances: the manifest has one {column} only")
+    if validation == "session":
+        return _session_split(manifest, column, available, fold, test)
     rng = np.random.default_rng(seed)
     val_index = []
     for _, group in rest.groupby("emotion", sort=True):
@@ -39,6 +56,22 @@ def split_fold(manifest: pd.DataFrame, fold, val_fraction: float, seed: int) -> 
         val_index += list(rng.choice(group.index.to_numpy(), size=min(n, len(group) - 1), replace=False))
     val = rest.loc[sorted(val_index)]
     train = rest.drop(index=val.index)
+    return FoldSplit(
+        fold, train.reset_index(drop=True), val.reset_index(drop=True), test.reset_index(drop=True)
+    )
+
+
+def _session_split(
+    manifest: pd.DataFrame, column: str, available: list, fold, test: pd.DataFrame
+) -> FoldSplit:
+    if len(available) < 3:
+        raise InputError(
+            f"train.validation=session holds out a whole {column} besides the test one, so it needs at least "
+            f"3 of them; the manifest has {available}. Use train.validation=stratified."
+        )
+    held_out = available[(available.index(fold) + 1) % len(available)]
+    val = manifest[manifest[column] == held_out]
+    train = manifest[~manifest[column].isin([fold, held_out])]
     return FoldSplit(
         fold, train.reset_index(drop=True), val.reset_index(drop=True), test.reset_index(drop=True)
     )

@@ -19,7 +19,7 @@ import pandas as pd
 from .artifacts import Artifact, ArtifactCache, fingerprint
 from .atomic import atomic_write_text
 from .config import Config, dump_config
-from .cv import FoldSplit, split_fold
+from .cv import FoldSplit, fold_split
 from .data.prepare import skipped_list_path
 from .features import extract_features
 from .gmp import build_gmps_on_cluster
@@ -46,7 +46,7 @@ class FoldResult:
 
 
 def run_fold(config: Config, manifest: pd.DataFrame, fold: Any, cache: ArtifactCache) -> FoldResult:
-    split = split_fold(manifest, fold, config.train.val_fraction, config.experiment.seed)
+    split = fold_split(config, manifest, fold)
     stage1, built1 = run_stage1(config, split, cache)
     if config.stage2.enabled:
         built, artifacts = _gmps_and_stage2(config, split, stage1, cache)

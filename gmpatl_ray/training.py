@@ -6,15 +6,20 @@ A stage is a *recipe* module (``gmpatl_ray.stages.stageN``) with four functions 
 ``evaluate(model, loop, config) -> metrics`` (``metrics["score"]``: higher is better, picks the best
 epoch). The run name is the stage's fingerprint, so rerunning an interrupted stage resumes it from its
 last checkpoint (Ray Train V2: same ``storage_path`` and ``name``).
+
+A resumed stage ends with the same weights as an uninterrupted one: the shuffling, the training crops and
+torch's generator (dropout, stage 2's masks) are functions of the seed, the worker and the epoch, never of
+how many epochs this process has run. The best epoch's weights are a copy taken when it is validated.
 """
 
 from __future__ import annotations
 
 import importlib
 import os
+import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +27,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .config import Config, TrainConfig
+from .artifacts import Artifact, ArtifactCache
+from .config import Config, DataConfig, TrainConfig
 from .data.audio import load_audio
 from .errors import InputError
 
@@ -31,19 +37,21 @@ POLL_INTERVAL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 
 
 class AudioDataset(Dataset):
-    """Manifest rows -> (waveform, row); training crops long utterances to a seeded random window."""
+    """Manifest rows -> (waveform, row); training crops long utterances to a seeded random window. Audio is
+    read as ``data`` says (its rate, and whether another rate is resampled or refused)."""
 
-    def __init__(self, rows: list[dict[str, Any]], max_samples: int | None, seed: int):
+    def __init__(self, rows: list[dict[str, Any]], max_samples: int | None, seed: int, data: DataConfig):
         self.rows = rows
         self.max_samples = max_samples
         self.seed = seed
+        self.sample_rate, self.resample = data.sample_rate, data.resample
         self.epoch = 0
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, i: int) -> tuple[np.ndarray, dict[str, Any]]:
-        wave = load_audio(self.rows[i]["path"])
+        wave = load_audio(self.rows[i]["path"], self.sample_rate, self.resample)
         if self.max_samples and len(wave) > self.max_samples:
             start = np.random.default_rng([self.seed, self.epoch, i]).integers(len(wave) - self.max_samples)
             wave = wave[start : start + self.max_samples]
@@ -51,9 +59,15 @@ class AudioDataset(Dataset):
 
 
 def emotion_rows(split, emotions: list[str]) -> list[dict[str, Any]]:
-    """Manifest rows as the emotion stages (1 and 3) train on them: path, emotion index, gender index."""
+    """Manifest rows as the emotion stages (1 and 3) train on them: path, emotion index, gender index, and
+    the duration that groups evaluation passes by length."""
     return [
-        {"path": r.path, "emotion": emotions.index(r.emotion), "gender": "FM".index(r.gender)}
+        {
+            "path": r.path,
+            "emotion": emotions.index(r.emotion),
+            "gender": "FM".index(r.gender),
+            "duration_s": float(r.duration_s),
+        }
         for r in split.itertuples()
     ]
 
@@ -62,7 +76,7 @@ def emotion_dataset(
     config: Config, loop: dict[str, Any], data: list[dict[str, Any]], train: bool
 ) -> AudioDataset:
     """The ``dataset`` recipe function of the emotion stages: training crops, whole utterances otherwise."""
-    return AudioDataset(data, training_crop(config) if train else None, config.experiment.seed)
+    return AudioDataset(data, training_crop(config) if train else None, config.experiment.seed, config.data)
 
 
 def collate(items: list[tuple[np.ndarray, dict[str, Any]]]) -> dict[str, Any]:
@@ -107,6 +121,28 @@ def load_state(folder: str | Path, fingerprint: str) -> dict[str, Any]:
     return state
 
 
+def run_name(kind: str, key: str) -> str:
+    """The Ray Train run of stage ``kind`` with fingerprint ``key``: stable across retries, so a rerun
+    resumes it, and unique to its inputs."""
+    return f"{kind}-{key}"
+
+
+def run_folder(train: TrainConfig, name: str) -> Path:
+    return Path(train.storage_path).resolve() / name
+
+
+def stage_artifact(
+    cache: ArtifactCache, kind: str, key: str, train: TrainConfig, build: Callable[[Path], dict[str, Any]]
+) -> tuple[Artifact, bool]:
+    """The stage's artifact from the cache, built by ``build`` when missing; then its Ray Train run folder
+    goes (unless ``train.keep_run_folders``): once the artifact is committed nothing needs the
+    checkpoints, and removing them only then keeps an interrupted stage resumable."""
+    found = cache.get_or_build(kind, key, build)
+    if not train.keep_run_folders:
+        shutil.rmtree(run_folder(train, run_name(kind, key)), ignore_errors=True)
+    return found
+
+
 def run_record(state: dict[str, Any]) -> dict[str, Any]:
     """What a stage artifact records of its training run: the best epoch, the per-epoch history, the
     optimizer steps taken and the epochs at which a restarted run resumed from a checkpoint."""
@@ -133,36 +169,17 @@ def training_crop(config: Config) -> int:
     return int(config.train.max_duration_s * config.data.sample_rate)
 
 
-def batches(data: Dataset, batch_size: int, device: torch.device) -> Iterator[dict[str, Any]]:
-    """Evaluation batches in order, moved to ``device`` (the model's: validation runs where training does)."""
-    from torch.utils.data import DataLoader
+def global_mean(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """``total / count`` with ``count`` summed over the DDP workers, times the number of workers: DDP
+    averages gradients over workers, so they become the gradients of the sum of every worker's ``total``
+    over the sum of every worker's ``count`` (a mean over all frames, however unevenly they fall)."""
+    import torch.distributed as dist
 
-    for batch in DataLoader(data, batch_size=batch_size, collate_fn=collate):
-        yield {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
-def emotion_scores(
-    model: torch.nn.Module,
-    predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    rows: list[dict[str, Any]],
-    batch_size: int,
-) -> dict:
-    """WAR, UAR and the predictions of ``predict(waves, lengths) -> emotion logits`` (a call of ``model``,
-    in eval mode on its device) over all ``rows``: one worker, whole utterances."""
-    from .metrics import uar, war
-
-    model.eval()
-    truth, predicted = [], []
-    with torch.no_grad():
-        for batch in batches(AudioDataset(rows, None, 0), batch_size, next(model.parameters()).device):
-            truth += batch["emotion"].tolist()
-            predicted += predict(batch["waves"], batch["lengths"]).argmax(-1).tolist()
-    return {
-        "war": war(truth, predicted),
-        "uar": uar(truth, predicted),
-        "truth": truth,
-        "predicted": predicted,
-    }
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        count = count.detach().clone().to(total.device, torch.float64)
+        dist.all_reduce(count)
+        return total * dist.get_world_size() / count.clamp(min=1).to(total.dtype)
+    return total / count.clamp(min=1).to(total.dtype)
 
 
 def stage_inputs(config: Config, split) -> dict[str, Any]:
@@ -178,6 +195,9 @@ def stage_inputs(config: Config, split) -> dict[str, Any]:
                 "storage_path",
                 "gradient_checkpointing",
                 "poll_interval_s",
+                "checkpoints_to_keep",
+                "keep_run_folders",
+                "eval_batch_s",
             }
         ),
         "data": {
@@ -196,6 +216,28 @@ def save_model(model: torch.nn.Module, folder: Path) -> None:
     torch.save(heads, folder / "heads.pt")
 
 
+def load_model(model: torch.nn.Module, folder: Path) -> torch.nn.Module:
+    """``model`` (a stage's ``build_model``) with the weights :func:`save_model` wrote to ``folder``."""
+    from safetensors.torch import load_file
+
+    backbone = {f"backbone.{k}": v for k, v in load_file(folder / "backbone" / "model.safetensors").items()}
+    heads = torch.load(folder / "heads.pt", map_location="cpu", weights_only=True)
+    model.load_state_dict(backbone | heads)
+    return model
+
+
+def weights_copy(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A CPU copy of the weights: a ``state_dict()`` holds views of the live parameters, which the next
+    optimizer step overwrites in place."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+def epoch_seed(seed: int, rank: int, epoch: int) -> int:
+    """torch's generator seed for one worker's epoch, the same whether the run started at this epoch or
+    resumed from a checkpoint at it."""
+    return int(np.random.SeedSequence([seed, rank, epoch]).generate_state(1)[0])
+
+
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The module inside DDP's wrapper (what checkpoints hold)."""
     return model.module if hasattr(model, "module") else model
@@ -205,7 +247,7 @@ def train_fn(loop: dict[str, Any]) -> None:
     """One Ray Train worker: resume from the last checkpoint if any, train, validate (rank 0), report."""
     import ray.train
     import ray.train.torch
-    from torch.utils.data import DataLoader
+    from torch.utils.data import DataLoader, DistributedSampler
 
     recipe = importlib.import_module(loop["recipe"])
     config = Config.model_validate(loop["config"])
@@ -226,28 +268,32 @@ def train_fn(loop: dict[str, Any]) -> None:
     model = ray.train.torch.prepare_model(model)
     dataset = recipe.dataset(config, loop, loop["train"], train=True)
     context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    # Our own sampler, even on one worker: its order is a function of (seed, epoch) alone. (The one
+    # prepare_data_loader would insert has a fixed seed of its own, and a plain shuffle's generator
+    # restarts from its seed when a worker group is restarted.)
+    sampler = DistributedSampler(
+        dataset, num_replicas=world, rank=rank, shuffle=True, seed=config.experiment.seed
+    )
     loader = ray.train.torch.prepare_data_loader(
         DataLoader(
             dataset,
-            batch_size=optim.batch_size // context.get_world_size(),  # the configured batch is global
-            shuffle=True,
+            batch_size=optim.batch_size // world,  # the configured batch is global
+            sampler=sampler,
             collate_fn=collate,
-            generator=torch.Generator().manual_seed(config.experiment.seed),
-        )
+        ),
+        add_dist_sampler=False,
     )
-    rank = context.get_world_rank()
-    device = "cuda" if config.train.use_gpu else "cpu"
-    # Dropout and stage 2's masks draw from torch's global generator: seed it per run, worker and epoch
-    # resumed from, so a run is reproducible and a resumed one does not replay the first epochs' draws.
-    torch.manual_seed(int(np.random.SeedSequence([config.experiment.seed, rank, start]).generate_state(1)[0]))
+    device = ray.train.torch.get_device()
     for epoch in range(start, optim.epochs):
         dataset.epoch = epoch
-        if hasattr(loader.sampler, "set_epoch"):
-            loader.sampler.set_epoch(epoch)
+        sampler.set_epoch(epoch)
+        # Dropout and stage 2's masks draw from torch's global generator.
+        torch.manual_seed(epoch_seed(config.experiment.seed, rank, epoch))
         model.train()
         total, count, started = 0.0, 0, time.perf_counter()
         for batch in loader:
-            with torch.autocast(device, torch.bfloat16, enabled=config.train.precision == "bf16"):
+            with torch.autocast(device.type, torch.bfloat16, enabled=config.train.precision == "bf16"):
                 loss = recipe.loss(model, batch, config)
             optimizer.zero_grad()
             loss.backward()
@@ -255,8 +301,8 @@ def train_fn(loop: dict[str, Any]) -> None:
             steps += 1
             total, count = total + loss.item() * len(batch["lengths"]), count + len(batch["lengths"])
         seconds = time.perf_counter() - started
-        if context.get_world_size() > 1:  # the loss over every worker's share of the epoch
-            sums = torch.tensor([total, count], dtype=torch.float64)
+        if world > 1:  # the loss over every worker's share of the epoch (on the device: NCCL has no CPU)
+            sums = torch.tensor([total, count], dtype=torch.float64, device=device)
             torch.distributed.all_reduce(sums)
             total, count = sums.tolist()
         metrics = {
@@ -274,7 +320,7 @@ def train_fn(loop: dict[str, Any]) -> None:
                     best = {
                         "score": metrics["val_score"],
                         "epoch": epoch,
-                        "model": unwrap(model).state_dict(),
+                        "model": weights_copy(unwrap(model)),
                     }
                 state = {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict()}
                 save_state(
@@ -291,7 +337,7 @@ def train_fn(loop: dict[str, Any]) -> None:
 def fit(recipe: str, section: str, loop: dict[str, Any], train: TrainConfig, name: str) -> dict[str, Any]:
     """Run ``recipe`` on ``train.num_workers`` workers under the run name ``name``; returns the final
     checkpoint's state (best model, history)."""
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     # Ray Train reads this in its controller and propagates it there from the driver's environment when
@@ -307,8 +353,9 @@ def fit(recipe: str, section: str, loop: dict[str, Any], train: TrainConfig, nam
         ),
         run_config=RunConfig(
             name=name,
-            storage_path=str(Path(train.storage_path).resolve()),
+            storage_path=str(run_folder(train, name).parent),
             failure_config=FailureConfig(max_failures=train.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=train.checkpoints_to_keep),
         ),
     )
     result = trainer.fit()

@@ -40,14 +40,15 @@ def small_config(folder: Path, *overrides: str):
 TINY_TRAINING = [
     "train.max_failures=0",
     "train.val_fraction=0.25",
-    "stage1.optim={lr: 3.0e-3, batch_size: 8, epochs: 2}",
-    "stage2.optim={lr: 1.0e-3, batch_size: 8, epochs: 1}",
+    "stage1.optim={lr: 3.0e-3, batch_size: 8, epochs: 3}",
+    "stage2.optim={lr: 1.0e-3, batch_size: 8, epochs: 3}",
     "stage3.optim={lr: 3.0e-3, batch_size: 8, epochs: 2}",
     "stage1.lstm_hidden=16",
     "stage1.proj_dim=16",
     "stage2.proj_dim=16",
 ]
-"""Stage settings small enough that a stage run is mostly Ray Train's start-up."""
+"""Stage settings small enough that a stage run is mostly Ray Train's start-up; stages 1 and 2 run long
+enough for a worker to be killed after a checkpoint and the stage to resume (tests/test_faults.py)."""
 
 
 @pytest.fixture(scope="session")
@@ -90,13 +91,19 @@ def small_features(small_corpus, ray_cluster, tmp_path_factory):
 def trained_fold(small_corpus, ray_cluster, tmp_path_factory):
     """Fold 1 of the small corpus through every stage with TINY_TRAINING, once for the session, in a stage
     cache of its own. Tests of what surrounds training (the CLI, MLflow, job submission, tracking
-    outages) point ``experiment.cache_dir`` at it and reuse the stages instead of training them again.
-    Returns the cache folder and the fold's first (building) result."""
+    outages) point ``experiment.cache_dir`` at it and reuse the stages instead of training them again;
+    the fault tests compare their interrupted stages with these. Its Ray Train run folders are kept
+    (``<cache>/../ray``), so tests can read each stage's last epoch. Returns the cache folder and the
+    fold's first (building) result."""
     from gmpatl_ray.artifacts import ArtifactCache
     from gmpatl_ray.pipeline import run_fold
 
     folder, manifest = small_corpus
     shared = tmp_path_factory.mktemp("trained_fold")
-    overrides = [f"experiment.cache_dir={shared / 'cache'}", f"train.storage_path={shared / 'ray'}"]
+    overrides = [
+        f"experiment.cache_dir={shared / 'cache'}",
+        f"train.storage_path={shared / 'ray'}",
+        "train.keep_run_folders=true",
+    ]
     config = small_config(folder, *overrides, *TINY_TRAINING)
     return shared / "cache", run_fold(config, manifest, 1, ArtifactCache(shared / "cache"))

@@ -159,7 +159,7 @@ def test_cv_runs_the_folds_and_tracks_them_in_mlflow(small_corpus, trained_fold,
     assert stage2.data.tags["mlflow.parentRunId"] == fold1 and stage2.data.tags["gmpatl.reused"] == "true"
     assert stage2.data.params["stage2.mask_length"] == "10"
     stage1_loss = client.get_metric_history(runs["fold-1-stage1"].info.run_id, "train_loss")
-    assert [m.step for m in stage1_loss] == [0, 1]
+    assert [m.step for m in stage1_loss] == [0, 1, 2]
 
     report = run(str(GMPATL), "report", "--config", str(config_file), "--csv", str(tmp_path / "report.csv"))
     assert report.returncode == 0, report.stderr[-3000:]

@@ -29,6 +29,16 @@ def test_iemocap_yaml_states_the_defaults():
         assert getattr(from_file, section) == getattr(defaults, section), section
 
 
+def test_the_papers_run_trains_on_gpu_workers_or_on_cpu_with_one_override():
+    on_gpu = load_config(CONFIGS / "iemocap.yaml")
+    assert on_gpu.train.use_gpu and on_gpu.train.num_workers >= 1
+    assert on_gpu.stage1.optim.batch_size % on_gpu.train.num_workers == 0
+    on_cpu = load_config(CONFIGS / "iemocap.yaml", ["train.use_gpu=false"])
+    assert not on_cpu.train.use_gpu and on_cpu.train.model_dump(
+        exclude={"use_gpu"}
+    ) == on_gpu.train.model_dump(exclude={"use_gpu"})
+
+
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_loads_and_round_trips(path, tmp_path):
     config = load_config(path)
@@ -59,6 +69,18 @@ def test_errors_name_the_file_and_every_field(tmp_path):
     assert "stage1.lstm_hiden: Extra inputs are not permitted" in message
     assert "gmp.layer: Input should be less than 0 (got 3)" in message
     assert "gmp.scales.1: Input should be a valid integer" in message
+
+
+def test_disk_and_evaluation_settings_are_checked():
+    defaults = load_config(None).train
+    assert (defaults.checkpoints_to_keep, defaults.keep_run_folders) == (1, False)
+    assert (defaults.eval_batch_s, defaults.eval_max_duration_s) == (160.0, 20.0)
+    with pytest.raises(
+        ConfigError, match=r"train.checkpoints_to_keep: Input should be greater than 0 \(got 0\)"
+    ):
+        load_config(None, ["train.checkpoints_to_keep=0"])
+    with pytest.raises(ConfigError, match=r"train.eval_batch_s: Input should be greater than 0 \(got -1\)"):
+        load_config(None, ["train.eval_batch_s=-1"])
 
 
 def test_the_worker_check_interval_must_be_positive():

@@ -48,3 +48,33 @@ def test_a_fold_with_no_test_utterances():
     only = manifest()
     with pytest.raises(InputError, match="leaves no training utterances"):
         split_fold(only[only["session"] == 1], 1, 0.1, seed=0)
+
+
+def test_session_validation_holds_out_the_next_whole_session():
+    split = split_fold(manifest(), 2, 0.1, seed=0, validation="session")
+    assert set(split.test["session"]) == {2}
+    assert set(split.val["session"]) == {3} and len(split.val) == 40  # every utterance of session 3
+    assert set(split.train["session"]) == {1} and len(split.train) == 40
+    last = split_fold(manifest(), 3, 0.1, seed=0, validation="session")  # wraps round to the first
+    assert set(last.val["session"]) == {1} and set(last.train["session"]) == {2}
+    named = manifest()
+    named["fold"] = named["session"].map({1: "x", 2: "y", 3: "z"})  # a fold column wins, in sorted order
+    assert set(split_fold(named, "y", 0.1, seed=0, validation="session").val["fold"]) == {"z"}
+
+
+def test_session_validation_needs_three_sessions():
+    two = manifest()
+    with pytest.raises(InputError, match=r"train.validation=session .* needs at least 3 .* \[1, 2\]"):
+        split_fold(two[two["session"] != 3], 1, 0.1, seed=0, validation="session")
+
+
+def test_the_config_picks_the_validation():
+    from gmpatl_ray.config import ConfigError, load_config
+    from gmpatl_ray.cv import fold_split
+
+    session = fold_split(load_config(None, ["train.validation=session"]), manifest(), 1)
+    assert set(session.val["session"]) == {2}
+    stratified = fold_split(load_config(None, ["train.val_fraction=0.2"]), manifest(), 1)
+    assert set(stratified.val["session"]) == {2, 3} and len(stratified.val) == 16
+    with pytest.raises(ConfigError, match=r"train.validation: Input should be 'stratified' or 'session'"):
+        load_config(None, ["train.validation=speaker"])

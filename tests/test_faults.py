@@ -21,16 +21,19 @@ from pathlib import Path
 import pandas as pd
 import psutil
 import pytest
+import torch
 from conftest import TINY_TRAINING, small_config
 from mlflow import MlflowClient
 from test_cli import GMPATL, run
 from test_jobs import BIN, free_port
+from test_training import saved_weights
 
-from gmpatl_ray.artifacts import ArtifactCache
+from gmpatl_ray.artifacts import ArtifactCache, file_sha256
 from gmpatl_ray.config import dump_config
-from gmpatl_ray.cv import split_fold
-from gmpatl_ray.pipeline import run_fold
+from gmpatl_ray.cv import fold_split
+from gmpatl_ray.gmp import GMPStore
 from gmpatl_ray.stages.stage1 import run_stage1
+from gmpatl_ray.stages.stage2 import run_stage2
 from gmpatl_ray.tracking import Tracker
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
@@ -101,46 +104,75 @@ def assert_resumed_to_the_end(artifact, epochs: int, steps_per_epoch: int) -> No
 
 @pytest.fixture(scope="module")
 def fault_cache(tmp_path_factory):
-    """One stage cache for the worker-kill tests: the stage-2 test reuses the stage 1 the first one built."""
+    """One stage cache for the fault tests: the cv-driver test reuses the stage 1 the first one built."""
     return tmp_path_factory.mktemp("fault_cache")
 
 
-FAULT_TRAINING = [
-    *TINY_TRAINING,
-    "train.max_failures=1",
-    "stage1.optim={lr: 3.0e-3, batch_size: 8, epochs: 5}",
-    "stage2.optim={lr: 1.0e-3, batch_size: 8, epochs: 5}",
-    "stage3.optim={lr: 3.0e-3, batch_size: 8, epochs: 1}",
-]
+FAULT_TRAINING = [*TINY_TRAINING, "train.max_failures=1"]
+"""The session's trained fold (tests/conftest.py) with one restart allowed: the same stage fingerprints, so
+an interrupted stage here can be compared with the uninterrupted one there."""
+
+TIMING = {"train_seconds", "train_utterances_per_s"}
+
+
+def assert_same_as_uninterrupted(artifact, uninterrupted) -> None:
+    """Bit for bit the stage that ran without a fault: every saved tensor, and the history but for timing."""
+    assert artifact.path.name == uninterrupted.path.name  # the same inputs, so the same fingerprint
+    for name in ("backbone/model.safetensors", "heads.pt"):
+        assert file_sha256(artifact.path / name) == file_sha256(uninterrupted.path / name), name
+    resumed, whole = saved_weights(artifact.path), saved_weights(uninterrupted.path)
+    assert resumed.keys() == whole.keys() and all(torch.equal(resumed[k], whole[k]) for k in whole)
+
+    def untimed(meta):
+        return [{k: v for k, v in row.items() if k not in TIMING} for row in meta["history"]]
+
+    assert untimed(artifact.meta) == untimed(uninterrupted.meta)
+    assert artifact.meta["best_epoch"] == uninterrupted.meta["best_epoch"]
+
+
+def run_folders(storage: Path) -> list[str]:
+    return sorted(p.name for p in storage.iterdir()) if storage.exists() else []
 
 
 @pytest.mark.usefixtures("ray_cluster")
-def test_a_worker_killed_in_stage1_is_replaced_and_the_stage_resumes(small_corpus, fault_cache):
+def test_a_worker_killed_in_stage1_is_replaced_and_the_stage_ends_as_if_it_was_not(
+    small_corpus, trained_fold, fault_cache
+):
     folder, manifest = small_corpus
     config = small_config(folder, f"train.storage_path={fault_cache / 'ray'}", *FAULT_TRAINING)
-    split = split_fold(manifest, 1, config.train.val_fraction, config.experiment.seed)
+    split = fold_split(config, manifest, 1)
     killed: list[int] = []
     killer = kill_a_worker_after_the_first_checkpoint(fault_cache / "ray", "stage1", killed)
     artifact, built = run_stage1(config, split, ArtifactCache(fault_cache / "cache"))
     killer.join(timeout=5)
     assert built and killed, "no worker was killed"
     assert not psutil.pid_exists(killed[0])
-    assert_resumed_to_the_end(artifact, 5, math.ceil(len(split.train) / 8))
+    assert_resumed_to_the_end(artifact, 3, math.ceil(len(split.train) / 8))
+    assert_same_as_uninterrupted(artifact, trained_fold[1].artifacts["stage1"])
+    assert run_folders(fault_cache / "ray") == []  # its checkpoints go once the artifact is in the cache
 
 
 @pytest.mark.usefixtures("ray_cluster")
-def test_a_worker_killed_in_stage2_is_replaced_and_the_stage_resumes(small_corpus, fault_cache):
+def test_a_worker_killed_in_stage2_is_replaced_and_the_stage_ends_as_if_it_was_not(
+    small_corpus, trained_fold, tmp_path
+):
+    """Stage 2 of the trained fold again, from its stage 1 and GMPs, into a cache of its own; a worker
+    killed after its first checkpoint. Its masks and dropout continue where the checkpoint left them."""
     folder, manifest = small_corpus
-    config = small_config(folder, f"train.storage_path={fault_cache / 'ray'}", *FAULT_TRAINING)
+    trained = trained_fold[1].artifacts
+    config = small_config(folder, f"train.storage_path={tmp_path / 'ray'}", *FAULT_TRAINING)
+    split = fold_split(config, manifest, 1)
     killed: list[int] = []
-    killer = kill_a_worker_after_the_first_checkpoint(fault_cache / "ray", "stage2", killed)
-    result = run_fold(config, manifest, 1, ArtifactCache(fault_cache / "cache"))
+    killer = kill_a_worker_after_the_first_checkpoint(tmp_path / "ray", "stage2", killed)
+    artifact, built = run_stage2(
+        config, split, trained["stage1"].path / "backbone", GMPStore(trained["gmps"]), ArtifactCache(tmp_path)
+    )
     killer.join(timeout=5)
-    assert killed, "no worker was killed"
-    assert not result.built["stage1"] and result.built["stage2"]
-    split = split_fold(manifest, 1, config.train.val_fraction, config.experiment.seed)
+    assert built and killed, "no worker was killed"
     seen = len(split.train) + len(split.val)  # stage 2 trains on every utterance of the training folds
-    assert_resumed_to_the_end(result.artifacts["stage2"], 5, math.ceil(seen / 8))
+    assert_resumed_to_the_end(artifact, 3, math.ceil(seen / 8))
+    assert_same_as_uninterrupted(artifact, trained["stage2"])
+    assert run_folders(tmp_path / "ray") == []
 
 
 def start_group(args: list[str], **kwargs) -> subprocess.Popen:
@@ -168,7 +200,9 @@ def test_a_killed_cv_driver_reruns_into_the_same_runs_and_resumes_the_stage(
 ):
     """Kill `gmpatl cv` (and its Ray cluster) in fold 2's stage 1, run it again: fold 1 is reused, stage 1
     of fold 2 resumes from its checkpoint, and MLflow holds one parent and one run per fold and stage.
-    (Fold 1's stage 1 comes from the worker-kill tests' cache, so the only stage 1 trained is fold 2's.)"""
+    On disk, the unfinished stage holds one checkpoint and the finished ones none, and after the rerun
+    nothing is left. (Fold 1's stage 1 comes from the worker-kill tests' cache, so the only stage 1
+    trained is fold 2's.)"""
     folder, manifest = small_corpus
     config = small_config(
         folder,
@@ -180,7 +214,7 @@ def test_a_killed_cv_driver_reruns_into_the_same_runs_and_resumes_the_stage(
         "stage2.enabled=false",
         *FAULT_TRAINING,
     )
-    fold1 = split_fold(manifest, 1, config.train.val_fraction, config.experiment.seed)
+    fold1 = fold_split(config, manifest, 1)
     elsewhere = config.model_copy(
         update={"train": config.train.model_copy(update={"storage_path": str(fault_cache / "ray")})}
     )
@@ -192,11 +226,15 @@ def test_a_killed_cv_driver_reruns_into_the_same_runs_and_resumes_the_stage(
     wait_for("fold 2's stage 1 to checkpoint", lambda: checkpoints(tmp_path / "ray", "stage1"), timeout=400)
     kill_group(driver)
     assert "fold 1: WAR" in driver.stdout.read()
+    (unfinished,) = run_folders(tmp_path / "ray")  # fold 1's stage 3 finished: its folder is gone
+    assert unfinished.startswith("stage1-")
+    assert len([c for c in (tmp_path / "ray" / unfinished).glob("checkpoint_*") if c.is_dir()]) == 1
 
     result = run(*command)
     assert result.returncode == 0, result.stderr[-3000:]
     table = pd.read_csv(tmp_path / "out" / "reports" / "cv_results.csv", keep_default_na=False)
     assert table["reused"].tolist() == ["stage1,stage3", ""]  # fold 1 is not recomputed
+    assert run_folders(tmp_path / "ray") == []
 
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}")
     runs = runs_by_name(client, "crash")
@@ -216,8 +254,8 @@ def test_a_killed_cv_driver_reruns_into_the_same_runs_and_resumes_the_stage(
 
     cache = ArtifactCache(fault_cache / "cache")
     stage1 = cache.load("stage1", runs["fold-2-stage1"][0].data.params["fingerprint"])
-    split = split_fold(manifest, 2, config.train.val_fraction, config.experiment.seed)
-    assert_resumed_to_the_end(stage1, 5, math.ceil(len(split.train) / 8))
+    split = fold_split(config, manifest, 2)
+    assert_resumed_to_the_end(stage1, 3, math.ceil(len(split.train) / 8))
     resumed_at = str(stage1.meta["resumed_at_epochs"][0])
     assert runs["fold-2-stage1"][0].data.tags["gmpatl.resumed_at_epochs"] == resumed_at
 
@@ -327,4 +365,4 @@ def test_what_is_logged_while_the_tracking_server_is_down_reaches_it_later(
     assert runs["fold-1"][0].data.metrics["test_uar"] == pytest.approx(table["uar"][0], abs=1e-4)
     assert runs["cv-gmpatl-demo"][0].data.metrics["mean_uar"] == pytest.approx(table["uar"][0], abs=1e-4)
     stage1_loss = client.get_metric_history(runs["fold-1-stage1"][0].info.run_id, "train_loss")
-    assert [m.step for m in stage1_loss] == [0, 1]
+    assert [m.step for m in stage1_loss] == [0, 1, 2]

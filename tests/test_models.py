@@ -127,7 +127,7 @@ def test_stage3_loss_is_the_am_softmax_loss():
         "emotion": torch.tensor([0, 2, 3]),
     }
     with torch.no_grad():
-        embedding = model.embed(batch["waves"], batch["lengths"])
+        embedding = model.encoder(*model.frames(batch["waves"], batch["lengths"]))
         expected = model.classifier(embedding, batch["emotion"])  # AMSoftmax module's own loss
         assert loss(model, batch, config).item() == pytest.approx(expected.item(), rel=1e-5)
 

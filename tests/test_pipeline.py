@@ -1,5 +1,5 @@
 """One fold end to end on a real local Ray cluster: all three stages, test metrics, and the stage cache
-(a change to stage 3's margin reruns stage 3 alone)."""
+(a change to stage 3's margin reruns stage 3 alone, and leaves no checkpoint behind)."""
 
 from __future__ import annotations
 
@@ -31,3 +31,5 @@ def test_a_fold_runs_all_stages_and_reuses_them(small_corpus, trained_fold, tmp_
         "stage3": True,
     }
     assert second.artifacts["stage1"].path == first.artifacts["stage1"].path
+    # The stage 3 it trained is in the cache, so its Ray Train checkpoints are gone.
+    assert (tmp_path / "ray").is_dir() and not any((tmp_path / "ray").iterdir())

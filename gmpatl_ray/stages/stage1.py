@@ -20,17 +20,19 @@ from torch import nn
 from ..artifacts import Artifact, ArtifactCache, fingerprint
 from ..config import Config, Stage1Config
 from ..cv import FoldSplit
+from ..evaluation import EvalLimits, emotion_scores
 from ..features import backbone_identity
 from ..models.backbone import hubert_layers, load_backbone
 from ..models.heads import UtteranceEncoder
 from ..training import (
     emotion_dataset,
     emotion_rows,
-    emotion_scores,
     fit,
     prepare_backbone,
+    run_name,
     run_record,
     save_model,
+    stage_artifact,
     stage_inputs,
 )
 
@@ -48,10 +50,18 @@ class Stage1Model(nn.Module):
         self.emotion = nn.Linear(cfg.proj_dim, num_emotions)
         self.gender = nn.Linear(cfg.proj_dim, 2)
 
-    def forward(self, waves: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def frames(self, waves: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """HuBERT's last layer (B, T, dim) and the frames of each item."""
         outputs, frames = hubert_layers(self.backbone, waves, lengths, [-1])
-        embedding = self.encoder(outputs[-1], frames)
+        return outputs[-1], frames
+
+    def heads(self, hidden: torch.Tensor, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Emotion and gender logits of whole utterances' frames."""
+        embedding = self.encoder(hidden, frames)
         return self.emotion(embedding), self.gender(embedding)
+
+    def forward(self, waves: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.heads(*self.frames(waves, lengths))
 
 
 def build_model(config: Config, loop: dict[str, Any] | None = None) -> Stage1Model:
@@ -72,7 +82,7 @@ def loss(model: nn.Module, batch: dict[str, Any], config: Config) -> torch.Tenso
 
 def evaluate(model: nn.Module, loop: dict[str, Any], config: Config) -> dict[str, float]:
     """Validation WAR and UAR of the emotion head; UAR picks the best epoch."""
-    scores = emotion_scores(model, lambda w, n: model(w, n)[0], loop["val"], config.stage1.optim.batch_size)
+    scores = emotion_scores(model, lambda h, n: model.heads(h, n)[0], loop["val"], EvalLimits.of(config))
     return {"score": scores["uar"], "uar": scores["uar"], "war": scores["war"]}
 
 
@@ -92,7 +102,7 @@ def run_stage1(config: Config, split: FoldSplit, cache: ArtifactCache) -> tuple[
             "train": emotion_rows(split.train, emotions),
             "val": emotion_rows(split.val, emotions),
         }
-        state = fit(__name__, "stage1", loop, config.train, name=f"{KIND}-{key}")
+        state = fit(__name__, "stage1", loop, config.train, name=run_name(KIND, key))
         model = build_model(config)
         model.load_state_dict(state["best"]["model"])
         save_model(model, folder)
@@ -102,4 +112,4 @@ def run_stage1(config: Config, split: FoldSplit, cache: ArtifactCache) -> tuple[
             "best_val_uar": state["best"]["score"],
         }
 
-    return cache.get_or_build(KIND, key, build)
+    return stage_artifact(cache, KIND, key, config.train, build)

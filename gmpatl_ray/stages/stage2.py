@@ -3,8 +3,9 @@
 Spans of CNN frames are replaced by the learned mask embedding; one LinearP head per scale predicts that
 scale's GMP label for every frame of the last layer; the loss is cross-entropy over masked frames
 (``stage2.masked_weight``) plus unmasked frames (``stage2.unmasked_weight``, 0 by default), summed over
-scales. Training crops start on a frame boundary, so labels stay aligned with the cropped audio's frames.
-The epoch with the lowest validation loss is kept.
+scales; each term is a mean over the frames it covers on all DDP workers together. Training crops start
+on a frame boundary, so labels stay aligned with the cropped audio's frames. The epoch with the lowest
+validation loss is kept.
 
 Readable top to bottom: the model, the dataset, the recipe the shared training loop calls, the driver.
 """
@@ -22,20 +23,23 @@ from torch import nn
 from transformers import AutoConfig
 
 from ..artifacts import Artifact, ArtifactCache, fingerprint
-from ..config import BackboneConfig, Config
+from ..config import BackboneConfig, Config, DataConfig
 from ..cv import FoldSplit
 from ..data.audio import load_audio
+from ..evaluation import EvalLimits, batch_of, passes
 from ..features import backbone_identity
 from ..gmp import GMPStore
-from ..models.backbone import frame_counts, hubert_layers, load_backbone
+from ..models.backbone import conv_geometry, frame_counts, hubert_layers, load_backbone
 from ..models.heads import FrameHeads
 from ..models.masking import span_mask
 from ..training import (
-    batches,
     fit,
+    global_mean,
     prepare_backbone,
+    run_name,
     run_record,
     save_model,
+    stage_artifact,
     stage_inputs,
     training_crop,
 )
@@ -60,7 +64,13 @@ class LabelledAudio(torch.utils.data.Dataset):
     """(waveform, {"k64": labels, ...}); a training crop starts on a frame so its labels are a slice."""
 
     def __init__(
-        self, rows: list[dict[str, Any]], gmp_dir: str, backbone_dir: str, max_samples: int | None, seed: int
+        self,
+        rows: list[dict[str, Any]],
+        gmp_dir: str,
+        backbone_dir: str,
+        max_samples: int | None,
+        seed: int,
+        data: DataConfig,
     ):
         store = GMPStore.open(gmp_dir)
         wanted = {r["utt_id"] for r in rows}
@@ -70,12 +80,9 @@ class LabelledAudio(torch.utils.data.Dataset):
             raise KeyError(
                 f"{len(missing)} utterances have no GMP labels in {gmp_dir}, e.g. {sorted(missing)[:3]}"
             )
-        conv = AutoConfig.from_pretrained(backbone_dir)
-        self.stride = int(np.prod(conv.conv_stride))
-        self.receptive_field = 1
-        for kernel, stride in zip(reversed(conv.conv_kernel), reversed(conv.conv_stride), strict=True):
-            self.receptive_field = (self.receptive_field - 1) * stride + kernel
+        self.stride, self.receptive_field = conv_geometry(AutoConfig.from_pretrained(backbone_dir))
         self.rows, self.max_samples, self.seed, self.epoch = rows, max_samples, seed, 0
+        self.sample_rate, self.resample = data.sample_rate, data.resample
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -83,11 +90,17 @@ class LabelledAudio(torch.utils.data.Dataset):
     def frames(self, samples: int) -> int:
         return max(0, (samples - self.receptive_field) // self.stride + 1)
 
+    def checked_labels(self, row: dict[str, Any], samples: int) -> dict[int, np.ndarray]:
+        """The row's labels, refused unless there is one per frame of its ``samples``-long audio."""
+        labels = self.labels[row["utt_id"]]
+        if any(len(v) != self.frames(samples) for v in labels.values()):
+            raise ValueError(f"{row['path']}: GMP labels do not match its {self.frames(samples)} frames")
+        return labels
+
     def __getitem__(self, i: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         row = self.rows[i]
-        wave, labels = load_audio(row["path"]), self.labels[row["utt_id"]]
-        if any(len(v) != self.frames(len(wave)) for v in labels.values()):
-            raise ValueError(f"{row['path']}: GMP labels do not match its {self.frames(len(wave))} frames")
+        wave = load_audio(row["path"], self.sample_rate, self.resample)
+        labels = self.checked_labels(row, len(wave))
         start = 0
         if self.max_samples and len(wave) > self.max_samples:
             steps = (len(wave) - self.max_samples) // self.stride + 1
@@ -107,37 +120,71 @@ def build_model(config: Config, loop: dict[str, Any]) -> Stage2Model:
 
 def dataset(config: Config, loop: dict[str, Any], data: list[dict[str, Any]], train: bool) -> LabelledAudio:
     crop = training_crop(config) if train else None
-    return LabelledAudio(data, loop["gmp_dir"], loop["backbone_dir"], crop, config.experiment.seed)
+    return LabelledAudio(
+        data, loop["gmp_dir"], loop["backbone_dir"], crop, config.experiment.seed, config.data
+    )
 
 
-def loss(model: nn.Module, batch: dict[str, Any], config: Config, seed: int | None = None) -> torch.Tensor:
+def loss_terms(
+    model: nn.Module, batch: dict[str, Any], config: Config, seed: int
+) -> list[tuple[float, torch.Tensor, torch.Tensor]]:
+    """(weight, summed cross-entropy, frames) per scale for the masked and the unmasked frames (those with a
+    weight), under span masks drawn with ``seed``; padding (label -100) counts nowhere."""
     inner = model.module if hasattr(model, "module") else model
     frames = frame_counts(inner.backbone, batch["lengths"])
     s2 = config.stage2
-    seed = int(torch.randint(2**31 - 1, (1,))) if seed is None else seed
     mask = span_mask(frames, int(frames.max()), s2.mask_prob, s2.mask_length, seed).to(frames.device)
     logits = model(batch["waves"], batch["lengths"], mask)
-    total = torch.zeros((), device=frames.device)
+    terms = []
     for k, scale_logits in logits.items():
         labels = batch[f"k{k}"]
         for weight, where in ((s2.masked_weight, mask), (s2.unmasked_weight, ~mask)):
-            where = where & (labels != -100)
-            if weight > 0 and where.any():
-                total = total + weight * F.cross_entropy(scale_logits[where], labels[where])
-    return total
+            if weight > 0:
+                where = where & (labels != -100)
+                summed = F.cross_entropy(scale_logits[where], labels[where], reduction="sum")
+                terms.append((weight, summed, where.sum()))
+    return terms
+
+
+def loss(model: nn.Module, batch: dict[str, Any], config: Config, seed: int | None = None) -> torch.Tensor:
+    """The weighted sum of the terms, each a mean over its frames on all DDP workers together (a worker
+    with more masked frames weighs more). Masks come from torch's generator unless ``seed`` is given."""
+    seed = int(torch.randint(2**31 - 1, (1,))) if seed is None else seed
+    terms = loss_terms(model, batch, config, seed)
+    return sum(weight * global_mean(summed, count) for weight, summed, count in terms)
 
 
 def evaluate(model: nn.Module, loop: dict[str, Any], config: Config) -> dict[str, float]:
-    """Validation loss with fixed masks; lower is better, so the score is its negative."""
+    """The loss over every frame of the validation utterances, with fixed masks (one seed per forward
+    pass), in passes bounded like every evaluation; lower is better, so the score is its negative."""
     model.eval()
     data = dataset(config, loop, loop["val"], train=False)
-    loader = batches(data, config.stage2.optim.batch_size, next(model.parameters()).device)
-    total, count = 0.0, 0
+    device = next(model.parameters()).device
+    totals: list[list[float]] = []  # per term: weight, summed loss, frames
     with torch.no_grad():
-        for i, batch in enumerate(loader):
-            total += loss(model, batch, config, seed=i).item() * len(batch["lengths"])
-            count += len(batch["lengths"])
-    return {"score": -total / count, "loss": total / count}
+        for i, pieces in enumerate(
+            passes(loop["val"], EvalLimits.of(config), data.stride, data.receptive_field)
+        ):
+            labels = []
+            for piece in pieces:
+                whole = data.checked_labels(loop["val"][piece.row], piece.utterance_samples)
+                end = piece.first_frame + data.frames(len(piece.wave))
+                labels.append({f"k{k}": v[piece.first_frame : end] for k, v in whole.items()})
+            terms = loss_terms(model, batch_of(pieces, labels, device), config, seed=i)
+            if not totals:
+                totals = [[weight, 0.0, 0.0] for weight, _, _ in terms]
+            for total, (_, summed, count) in zip(totals, terms, strict=True):
+                total[1] += summed.item()
+                total[2] += count.item()
+    value = sum(weight * summed / max(count, 1) for weight, summed, count in totals)
+    return {"score": -value, "loss": value}
+
+
+def frame_rows(split: pd.DataFrame) -> list[dict[str, Any]]:
+    """Manifest rows as stage 2 trains on them: its GMP labels are found by ``utt_id``."""
+    return [
+        {"path": r.path, "utt_id": r.utt_id, "duration_s": float(r.duration_s)} for r in split.itertuples()
+    ]
 
 
 def run_stage2(
@@ -159,13 +206,13 @@ def run_stage2(
             "config": config.model_dump(mode="json"),
             "backbone_dir": str(stage1_dir),
             "gmp_dir": str(gmps.path),
-            "train": [{"path": r.path, "utt_id": r.utt_id} for r in train.itertuples()],
-            "val": [{"path": r.path, "utt_id": r.utt_id} for r in split.val.itertuples()],
+            "train": frame_rows(train),
+            "val": frame_rows(split.val),
         }
-        state = fit(__name__, "stage2", loop, config.train, name=f"{KIND}-{key}")
+        state = fit(__name__, "stage2", loop, config.train, name=run_name(KIND, key))
         model = build_model(config, loop)
         model.load_state_dict(state["best"]["model"])
         save_model(model, folder)
         return {"inputs": inputs, **run_record(state)}
 
-    return cache.get_or_build(KIND, key, build)
+    return stage_artifact(cache, KIND, key, config.train, build)

@@ -19,6 +19,7 @@ from torch import nn
 from ..artifacts import Artifact, ArtifactCache, fingerprint
 from ..config import BackboneConfig, Config
 from ..cv import FoldSplit
+from ..evaluation import EvalLimits, emotion_scores
 from ..features import backbone_identity
 from ..metrics import confusion
 from ..models.backbone import hubert_layers, load_backbone
@@ -27,11 +28,12 @@ from ..models.losses import AMSoftmax
 from ..training import (
     emotion_dataset,
     emotion_rows,
-    emotion_scores,
     fit,
     prepare_backbone,
+    run_name,
     run_record,
     save_model,
+    stage_artifact,
     stage_inputs,
 )
 
@@ -55,14 +57,18 @@ class Stage3Model(nn.Module):
             else nn.Linear(s1.proj_dim, num_classes)
         )
 
-    def embed(self, waves: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    def frames(self, waves: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """HuBERT's last layer (B, T, dim) and the frames of each item."""
         outputs, frames = hubert_layers(self.backbone, waves, lengths, [-1])
-        return self.encoder(outputs[-1], frames)
+        return outputs[-1], frames
+
+    def heads(self, hidden: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
+        """Emotion logits of whole utterances' frames (scaled cosines for AM-Softmax, no margin)."""
+        embedding = self.encoder(hidden, frames)
+        return self.classifier.logits(embedding) if self.amsoftmax else self.classifier(embedding)
 
     def forward(self, waves: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """Emotion logits (scaled cosines for AM-Softmax, no margin)."""
-        embedding = self.embed(waves, lengths)
-        return self.classifier.logits(embedding) if self.amsoftmax else self.classifier(embedding)
+        return self.heads(*self.frames(waves, lengths))
 
 
 def build_model(config: Config, loop: dict[str, Any]) -> Stage3Model:
@@ -84,7 +90,7 @@ def loss(model: nn.Module, batch: dict[str, Any], config: Config) -> torch.Tenso
 
 
 def evaluate(model: nn.Module, loop: dict[str, Any], config: Config) -> dict[str, float]:
-    scores = emotion_scores(model, model, loop["val"], config.stage3.optim.batch_size)
+    scores = emotion_scores(model, model.heads, loop["val"], EvalLimits.of(config))
     return {"score": scores["uar"], "uar": scores["uar"], "war": scores["war"]}
 
 
@@ -109,12 +115,10 @@ def run_stage3(
             "train": emotion_rows(split.train, emotions),
             "val": emotion_rows(split.val, emotions),
         }
-        state = fit(__name__, "stage3", loop, config.train, name=f"{KIND}-{key}")
+        state = fit(__name__, "stage3", loop, config.train, name=run_name(KIND, key))
         model = build_model(config, loop)
         model.load_state_dict(state["best"]["model"])
-        test = emotion_scores(
-            model, model, emotion_rows(split.test, emotions), config.stage3.optim.batch_size
-        )
+        test = emotion_scores(model, model.heads, emotion_rows(split.test, emotions), EvalLimits.of(config))
         truth = [emotions[i] for i in test["truth"]]
         predicted = [emotions[i] for i in test["predicted"]]
         save_model(model, folder)
@@ -130,4 +134,4 @@ def run_stage3(
             },
         }
 
-    return cache.get_or_build(KIND, key, build)
+    return stage_artifact(cache, KIND, key, config.train, build)
