@@ -8,6 +8,8 @@ the output of the third-to-last transformer layer (layer 10 of 12). Only transfo
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -139,7 +141,8 @@ def hubert_layers(
 
     hooks = [model.encoder.layers[i - 1].register_forward_hook(keep(i)) for i in set(wanted.values())]
     try:
-        model.encoder(hidden, attention_mask=frame_mask)
+        with _positional_conv_kernel(hidden):
+            model.encoder(hidden, attention_mask=frame_mask)
     finally:
         for hook in hooks:
             hook.remove()
@@ -150,6 +153,26 @@ def hubert_layers(
             out = model.encoder.layer_norm(out)
         outputs[layer] = out
     return outputs, frames
+
+
+SHORT_FRAMES = 256
+"""Up to this many frames (5 s), inference runs the positional convolution without cuDNN (see below)."""
+
+
+@contextmanager
+def _positional_conv_kernel(hidden: torch.Tensor) -> Iterator[None]:
+    """The transformer's only convolution, the positional one (kernel 128, 16 groups), runs on PyTorch's own
+    kernel instead of cuDNN for batches of at most ``SHORT_FRAMES`` frames without gradients (evaluation,
+    extraction, prediction). On many short items cuDNN's pick asks for 15 to 58 GiB of workspace and runs
+    slower (64 x 124 frames on an H200: 21 GiB and 89 ms against 0.3 GiB and 32 ms), at batch shapes too
+    erratic to list; on H200 it happened up to 150 frames, never from 300 on, where cuDNN is the much faster
+    one (64 x 399: 3.3 ms against 39 ms) and is kept (``benchmarks/gpu_memory.py``). Training is left
+    alone: its backward picks its kernel after this context has closed."""
+    if torch.is_grad_enabled() or hidden.device.type != "cuda" or hidden.shape[1] > SHORT_FRAMES:
+        yield
+        return
+    with torch.backends.cudnn.flags(enabled=False):
+        yield
 
 
 def _feature_encoder(model: HubertModel, waves: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
