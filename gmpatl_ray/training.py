@@ -216,13 +216,17 @@ def save_model(model: torch.nn.Module, folder: Path) -> None:
     torch.save(heads, folder / "heads.pt")
 
 
-def load_model(model: torch.nn.Module, folder: Path) -> torch.nn.Module:
-    """``model`` (a stage's ``build_model``) with the weights :func:`save_model` wrote to ``folder``."""
+def saved_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor :func:`save_model` wrote to ``folder``, named as in the model's ``state_dict``."""
     from safetensors.torch import load_file
 
     backbone = {f"backbone.{k}": v for k, v in load_file(folder / "backbone" / "model.safetensors").items()}
-    heads = torch.load(folder / "heads.pt", map_location="cpu", weights_only=True)
-    model.load_state_dict(backbone | heads)
+    return backbone | torch.load(folder / "heads.pt", map_location="cpu", weights_only=True)
+
+
+def load_model(model: torch.nn.Module, folder: Path) -> torch.nn.Module:
+    """``model`` (a stage's ``build_model``) with the weights :func:`save_model` wrote to ``folder``."""
+    model.load_state_dict(saved_weights(folder))
     return model
 
 

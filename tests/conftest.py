@@ -107,3 +107,37 @@ def trained_fold(small_corpus, ray_cluster, tmp_path_factory):
     ]
     config = small_config(folder, *overrides, *TINY_TRAINING)
     return shared / "cache", run_fold(config, manifest, 1, ArtifactCache(shared / "cache"))
+
+
+DDP_TRAINING = [
+    "train.max_failures=1",
+    "train.val_fraction=0.25",
+    "train.num_workers=2",
+    "train.cpus_per_worker=1",
+    "train.precision=bf16",
+    "train.gradient_checkpointing=true",
+    "stage1.optim={lr: 3.0e-3, batch_size: 4, epochs: 3}",
+    "stage1.lstm_hidden=16",
+    "stage1.proj_dim=16",
+]
+"""Stage 1 on 2 gloo DDP workers with bf16 autocast and gradient checkpointing."""
+
+
+@pytest.fixture(scope="session")
+def ddp_stage1(small_corpus, ray_cluster, tmp_path_factory):
+    """Fold 2's stage 1 under DDP_TRAINING, once for the session, its Ray Train run folder kept: the DDP
+    test reads it and the DDP worker-kill test compares its interrupted run with it.
+    Returns (config, split, artifact, storage path)."""
+    from gmpatl_ray.artifacts import ArtifactCache
+    from gmpatl_ray.cv import fold_split
+    from gmpatl_ray.stages.stage1 import run_stage1
+
+    folder, manifest = small_corpus
+    shared = tmp_path_factory.mktemp("ddp_stage1")
+    config = small_config(
+        folder, f"train.storage_path={shared / 'ray'}", "train.keep_run_folders=true", *DDP_TRAINING
+    )
+    split = fold_split(config, manifest, 2)
+    artifact, built = run_stage1(config, split, ArtifactCache(shared / "cache"))
+    assert built
+    return config, split, artifact, shared / "ray"

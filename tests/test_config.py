@@ -30,13 +30,13 @@ def test_iemocap_yaml_states_the_defaults():
 
 
 def test_the_papers_run_trains_on_gpu_workers_or_on_cpu_with_one_override():
-    on_gpu = load_config(CONFIGS / "iemocap.yaml")
-    assert on_gpu.train.use_gpu and on_gpu.train.num_workers >= 1
-    assert on_gpu.stage1.optim.batch_size % on_gpu.train.num_workers == 0
-    on_cpu = load_config(CONFIGS / "iemocap.yaml", ["train.use_gpu=false"])
-    assert not on_cpu.train.use_gpu and on_cpu.train.model_dump(
-        exclude={"use_gpu"}
-    ) == on_gpu.train.model_dump(exclude={"use_gpu"})
+    """Its train section asks for a GPU per worker at the paper's batch (the whole batch on one GPU:
+    benchmarks/gpu_memory.py); the one override gives a CPU run that a 2-core machine can schedule."""
+    on_gpu = load_config(CONFIGS / "iemocap.yaml").train
+    assert on_gpu.use_gpu and on_gpu.num_workers == 1
+    on_cpu = load_config(CONFIGS / "iemocap.yaml", ["train.use_gpu=false"]).train
+    assert not on_cpu.use_gpu and on_cpu.num_workers * on_cpu.cpus_per_worker <= 2
+    assert load_config(None).train.use_gpu is False  # the defaults stay CPU, for the demo and your corpus
 
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)

@@ -99,3 +99,92 @@ def test_chunks_must_fit_an_evaluation_batch():
         ConfigError, match="train: .*eval_max_duration_s \\(30.0\\) must not exceed eval_batch_s"
     ):
         load_config(None, ["train.eval_batch_s=20", "train.eval_max_duration_s=30"])
+
+
+def frame_index_gmps(cache_root, rows, scales):
+    """A GMP store whose label of frame t is t mod k at every scale k: with a scale above the longest
+    utterance's frames, a piece's labels say which frames of its utterance they are."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from gmpatl_ray.artifacts import ArtifactCache
+    from gmpatl_ray.gmp import LABELS_FILE, GMPStore
+
+    frames = [whole_frames(sf.info(r["path"]).frames) for r in rows]
+
+    def build(folder):
+        table = {"utt_id": [r["utt_id"] for r in rows]}
+        for k in scales:
+            table[f"k{k}"] = pa.array([list(np.arange(n) % k) for n in frames], type=pa.list_(pa.int16()))
+        pq.write_table(pa.table(table), folder / LABELS_FILE)
+        return {"scales": scales}
+
+    artifact, _ = ArtifactCache(cache_root).get_or_build("gmp", "frame-index", build)
+    return GMPStore(artifact)
+
+
+def whole_frames(samples: int) -> int:
+    return (samples - 400) // 320 + 1
+
+
+@pytest.fixture
+def stage2_validation(split, tmp_path):
+    """The split as stage 2's validation set, labelled by frame index, chunked at 2 s, 4 s passes."""
+    from gmpatl_ray.models.backbone import load_backbone
+    from gmpatl_ray.stages import stage2
+
+    for i, row in enumerate(split):
+        row["utt_id"] = f"u{i}"
+    base = ["stage2.proj_dim=16", "gmp.scales=[4, 2048]", "train.eval_max_duration_s=2"]
+    config = small_config(tmp_path, *base, "train.eval_batch_s=4")
+    load_backbone(config.backbone).save_pretrained(tmp_path / "hubert")
+    gmps = frame_index_gmps(tmp_path / "cache", split, config.gmp.scales)
+    loop = {"backbone_dir": str(tmp_path / "hubert"), "gmp_dir": str(gmps.path), "val": split}
+    return stage2, config, loop, base
+
+
+def test_stage2_validation_gives_every_chunk_its_own_frames_labels(stage2_validation):
+    """Each piece of a pass carries the labels of exactly its frames: the 30 s utterance's chunks start at
+    multiples of 99 frames (2 s chunks), the others at 0; every frame is scored once; masks stay off the
+    padding."""
+    stage2, config, loop, _ = stage2_validation
+    data = stage2.dataset(config, loop, loop["val"], train=False)
+    starts = []
+    for batch, mask in stage2.validation_batches(loop, config, data, torch.device("cpu")):
+        lengths = [whole_frames(n) for n in batch["lengths"].tolist()]
+        assert mask.shape == batch["k4"].shape and not (mask & (batch["k4"] == -100)).any()
+        for i, n in enumerate(lengths):
+            first = int(batch["k2048"][i, 0])
+            assert batch["k2048"][i, :n].tolist() == list(range(first, first + n))
+            assert batch["k4"][i, :n].tolist() == [t % 4 for t in range(first, first + n)]
+            assert (batch["k2048"][i, n:] == -100).all()
+            starts.append((first, n))
+    long_frames = whole_frames(int(LONG_S * 16000))
+    assert sorted(start for start, _ in starts if start > 0) == list(range(99, long_frames, 99))
+    assert sum(start == 0 for start, _ in starts) == 7  # each utterance's first piece
+    assert sum(n for _, n in starts) == sum(whole_frames(int(s * 16000)) for s in [*SHORT_S, LONG_S])
+
+
+def test_stage2_validation_loss_does_not_depend_on_the_grouping(stage2_validation, tmp_path):
+    """``train.eval_batch_s`` is not part of the stage's fingerprint, so it must not change which epoch is
+    kept: masks are drawn per piece (utterance and first frame), not per pass."""
+    stage2, config, loop, base = stage2_validation
+    model = stage2.build_model(config, loop)
+    grouped = stage2.evaluate(model, loop, config)["loss"]
+    wider = small_config(tmp_path, *base, "train.eval_batch_s=40")
+    assert stage2.evaluate(model, loop, wider)["loss"] == pytest.approx(grouped, rel=1e-5)
+
+
+def test_stage2_reads_audio_as_the_data_section_says(stage2_validation):
+    """An 8 kHz file among the validation utterances: resampled by default, refused with
+    ``data.resample: false``."""
+    from gmpatl_ray.data.audio import AudioError
+
+    stage2, config, loop, _ = stage2_validation
+    row = loop["val"][0]
+    wave, _ = sf.read(row["path"], dtype="float32")
+    sf.write(row["path"], wave[::2], 8000)
+    assert len(stage2.dataset(config, loop, loop["val"], train=False)[0][0]) == len(wave)
+    strict = config.model_copy(update={"data": config.data.model_copy(update={"resample": False})})
+    with pytest.raises(AudioError, match=f"{row['path']}: sample rate 8000 Hz, expected 16000 Hz"):
+        stage2.dataset(strict, loop, loop["val"], train=True)[0]

@@ -22,11 +22,10 @@ import pandas as pd
 import psutil
 import pytest
 import torch
-from conftest import TINY_TRAINING, small_config
+from conftest import DDP_TRAINING, TINY_TRAINING, small_config
 from mlflow import MlflowClient
 from test_cli import GMPATL, run
 from test_jobs import BIN, free_port
-from test_training import saved_weights
 
 from gmpatl_ray.artifacts import ArtifactCache, file_sha256
 from gmpatl_ray.config import dump_config
@@ -35,6 +34,7 @@ from gmpatl_ray.gmp import GMPStore
 from gmpatl_ray.stages.stage1 import run_stage1
 from gmpatl_ray.stages.stage2 import run_stage2
 from gmpatl_ray.tracking import Tracker
+from gmpatl_ray.training import saved_weights
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
 
@@ -153,6 +153,25 @@ def test_a_worker_killed_in_stage1_is_replaced_and_the_stage_ends_as_if_it_was_n
 
 
 @pytest.mark.usefixtures("ray_cluster")
+def test_a_worker_killed_under_ddp_is_replaced_and_the_stage_ends_as_if_it_was_not(
+    small_corpus, ddp_stage1, tmp_path
+):
+    """2 gloo workers, bf16, gradient checkpointing: one is killed after the first checkpoint, the worker
+    group restarts, and both ranks go on with their own shards and generators where the checkpoint left
+    them, ending bit for bit where the session's uninterrupted run did."""
+    folder, manifest = small_corpus
+    _, split, uninterrupted, _ = ddp_stage1
+    config = small_config(folder, f"train.storage_path={tmp_path / 'ray'}", *DDP_TRAINING)
+    killed: list[int] = []
+    killer = kill_a_worker_after_the_first_checkpoint(tmp_path / "ray", "stage1", killed)
+    artifact, built = run_stage1(config, split, ArtifactCache(tmp_path / "cache"))
+    killer.join(timeout=5)
+    assert built and killed, "no worker was killed"
+    assert_resumed_to_the_end(artifact, 3, math.ceil(math.ceil(len(split.train) / 2) / 2))
+    assert_same_as_uninterrupted(artifact, uninterrupted)
+
+
+@pytest.mark.usefixtures("ray_cluster")
 def test_a_worker_killed_in_stage2_is_replaced_and_the_stage_ends_as_if_it_was_not(
     small_corpus, trained_fold, tmp_path
 ):
@@ -169,8 +188,7 @@ def test_a_worker_killed_in_stage2_is_replaced_and_the_stage_ends_as_if_it_was_n
     )
     killer.join(timeout=5)
     assert built and killed, "no worker was killed"
-    seen = len(split.train) + len(split.val)  # stage 2 trains on every utterance of the training folds
-    assert_resumed_to_the_end(artifact, 3, math.ceil(seen / 8))
+    assert_resumed_to_the_end(artifact, 3, math.ceil(len(split.train) / 8))
     assert_same_as_uninterrupted(artifact, trained["stage2"])
     assert run_folders(tmp_path / "ray") == []
 
@@ -227,8 +245,9 @@ def test_a_killed_cv_driver_reruns_into_the_same_runs_and_resumes_the_stage(
     kill_group(driver)
     assert "fold 1: WAR" in driver.stdout.read()
     (unfinished,) = run_folders(tmp_path / "ray")  # fold 1's stage 3 finished: its folder is gone
-    assert unfinished.startswith("stage1-")
-    assert len([c for c in (tmp_path / "ray" / unfinished).glob("checkpoint_*") if c.is_dir()]) == 1
+    assert unfinished.startswith("stage1-") and len(checkpoints(tmp_path / "ray", "stage1")) == 1
+    # (on disk one more only if the kill came just as a newer one was written, before the older went)
+    assert len([c for c in (tmp_path / "ray" / unfinished).glob("checkpoint_*") if c.is_dir()]) <= 2
 
     result = run(*command)
     assert result.returncode == 0, result.stderr[-3000:]

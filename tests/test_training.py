@@ -13,11 +13,11 @@ import soundfile as sf
 import torch
 import torch.multiprocessing as mp
 from conftest import TINY_TRAINING, small_config
-from safetensors.torch import load_file
 
 from gmpatl_ray.cv import fold_split
 from gmpatl_ray.data.audio import AudioError
-from gmpatl_ray.models.backbone import load_backbone
+from gmpatl_ray.models.backbone import frame_counts, load_backbone
+from gmpatl_ray.models.masking import span_mask
 from gmpatl_ray.stages import stage1, stage2, stage3
 from gmpatl_ray.training import (
     emotion_dataset,
@@ -26,13 +26,8 @@ from gmpatl_ray.training import (
     load_state,
     run_name,
     save_model,
+    saved_weights,
 )
-
-
-def saved_weights(folder: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a saved stage model: its HuBERT and its heads."""
-    backbone = {f"backbone.{k}": v for k, v in load_file(folder / "backbone" / "model.safetensors").items()}
-    return backbone | torch.load(folder / "heads.pt", weights_only=True)
 
 
 def last_checkpoint(storage: Path, kind: str, key: str) -> dict:
@@ -147,9 +142,14 @@ def test_stage2_loss_is_the_mean_over_every_workers_frames(tmp_path):
 
     def gradients(combine) -> dict[str, torch.Tensor]:
         model = stage2.build_model(config, {"backbone_dir": str(backbone_dir)}).eval()
-        terms = [
-            stage2.loss_terms(model, stage2_case(tmp_path, rank)[1], config, seed=rank) for rank in (0, 1)
-        ]
+        terms = []
+        for rank in (0, 1):  # the masks stage2.loss draws on that rank
+            batch = stage2_case(tmp_path, rank)[1]
+            frames = frame_counts(model.backbone, batch["lengths"])
+            mask = span_mask(
+                frames, int(frames.max()), config.stage2.mask_prob, config.stage2.mask_length, rank
+            )
+            terms.append(stage2.loss_terms(model, batch, config, mask))
         combine(terms).backward()
         return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 

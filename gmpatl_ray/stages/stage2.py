@@ -12,6 +12,8 @@ Readable top to bottom: the model, the dataset, the recipe the shared training l
 
 from __future__ import annotations
 
+import zlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +44,7 @@ from ..training import (
     stage_artifact,
     stage_inputs,
     training_crop,
+    unwrap,
 )
 
 KIND = "stage2"
@@ -126,14 +129,11 @@ def dataset(config: Config, loop: dict[str, Any], data: list[dict[str, Any]], tr
 
 
 def loss_terms(
-    model: nn.Module, batch: dict[str, Any], config: Config, seed: int
+    model: nn.Module, batch: dict[str, Any], config: Config, mask: torch.Tensor
 ) -> list[tuple[float, torch.Tensor, torch.Tensor]]:
     """(weight, summed cross-entropy, frames) per scale for the masked and the unmasked frames (those with a
-    weight), under span masks drawn with ``seed``; padding (label -100) counts nowhere."""
-    inner = model.module if hasattr(model, "module") else model
-    frames = frame_counts(inner.backbone, batch["lengths"])
+    weight) under the span ``mask`` (B, frames); padding (label -100) counts nowhere."""
     s2 = config.stage2
-    mask = span_mask(frames, int(frames.max()), s2.mask_prob, s2.mask_length, seed).to(frames.device)
     logits = model(batch["waves"], batch["lengths"], mask)
     terms = []
     for k, scale_logits in logits.items():
@@ -150,27 +150,45 @@ def loss(model: nn.Module, batch: dict[str, Any], config: Config, seed: int | No
     """The weighted sum of the terms, each a mean over its frames on all DDP workers together (a worker
     with more masked frames weighs more). Masks come from torch's generator unless ``seed`` is given."""
     seed = int(torch.randint(2**31 - 1, (1,))) if seed is None else seed
-    terms = loss_terms(model, batch, config, seed)
+    frames = frame_counts(unwrap(model).backbone, batch["lengths"])
+    s2 = config.stage2
+    mask = span_mask(frames, int(frames.max()), s2.mask_prob, s2.mask_length, seed).to(frames.device)
+    terms = loss_terms(model, batch, config, mask)
     return sum(weight * global_mean(summed, count) for weight, summed, count in terms)
 
 
+def validation_batches(
+    loop: dict[str, Any], config: Config, data: LabelledAudio, device: torch.device
+) -> Iterator[tuple[dict[str, Any], torch.Tensor]]:
+    """The validation utterances in bounded passes (:mod:`gmpatl_ray.evaluation`), each a batch with its
+    pieces' slices of their GMP labels and a span mask drawn per piece, seeded by its utterance and first
+    frame: the same frames are masked however the pieces are grouped (``train.eval_batch_s``)."""
+    s2 = config.stage2
+    for pieces in passes(loop["val"], EvalLimits.of(config), data.stride, data.receptive_field):
+        labels, masks = [], []
+        for piece in pieces:
+            row = loop["val"][piece.row]
+            whole = data.checked_labels(row, piece.utterance_samples)
+            frames = data.frames(len(piece.wave))
+            labels.append(
+                {f"k{k}": v[piece.first_frame : piece.first_frame + frames] for k, v in whole.items()}
+            )
+            seed = zlib.crc32(f"{row['utt_id']}/{piece.first_frame}".encode())
+            masks.append(span_mask(torch.tensor([frames]), frames, s2.mask_prob, s2.mask_length, seed)[0])
+        batch = batch_of(pieces, labels, device)
+        mask = torch.nn.utils.rnn.pad_sequence(masks, batch_first=True)  # False over the padding
+        yield batch, mask.to(device)
+
+
 def evaluate(model: nn.Module, loop: dict[str, Any], config: Config) -> dict[str, float]:
-    """The loss over every frame of the validation utterances, with fixed masks (one seed per forward
-    pass), in passes bounded like every evaluation; lower is better, so the score is its negative."""
+    """The loss over every frame of the validation utterances, with fixed masks, in passes bounded like
+    every evaluation; lower is better, so the score is its negative."""
     model.eval()
     data = dataset(config, loop, loop["val"], train=False)
-    device = next(model.parameters()).device
     totals: list[list[float]] = []  # per term: weight, summed loss, frames
     with torch.no_grad():
-        for i, pieces in enumerate(
-            passes(loop["val"], EvalLimits.of(config), data.stride, data.receptive_field)
-        ):
-            labels = []
-            for piece in pieces:
-                whole = data.checked_labels(loop["val"][piece.row], piece.utterance_samples)
-                end = piece.first_frame + data.frames(len(piece.wave))
-                labels.append({f"k{k}": v[piece.first_frame : end] for k, v in whole.items()})
-            terms = loss_terms(model, batch_of(pieces, labels, device), config, seed=i)
+        for batch, mask in validation_batches(loop, config, data, next(model.parameters()).device):
+            terms = loss_terms(model, batch, config, mask)
             if not totals:
                 totals = [[weight, 0.0, 0.0] for weight, _, _ in terms]
             for total, (_, summed, count) in zip(totals, terms, strict=True):
