@@ -16,7 +16,7 @@
 Random weights of HuBERT base's size (no download); timings after one warm-up step. Without a CUDA GPU it
 says so and exits 0 (``--device cpu --tiny`` runs the same code on a tiny model, as a check of the script).
 
-    .venv/bin/python benchmarks/gpu_memory.py [--utterances 400]
+    .venv/bin/python benchmarks/gpu_memory.py [--utterances 400] [--grid]
 """
 
 from __future__ import annotations
@@ -185,6 +185,28 @@ def positional_conv(config) -> None:
             print(f"  {kind:16s} {batch:3d} x {frames:3d}: " + "   ".join(line))
 
 
+def positional_conv_grid(config) -> None:
+    """Peak GiB of the positional convolution with cuDNN over a grid of batch sizes and frame counts: where
+    its workspace blows up with your GPU and cuDNN."""
+    conv = stage1.build_model(config).to(DEVICE).backbone.encoder.pos_conv_embed
+    frames = (30, 60, 100, 128, 150, 200, 256, 300, 400)
+    print(f"positional convolution with cuDNN, peak GiB (rows: gradients, batch; columns: frames {frames})")
+    for grad in (False, True):
+        for batch in (8, 16, 32, 64, 128, 256):
+            peaks = []
+            for n in frames:
+                hidden = torch.randn(batch, n, conv.conv.in_channels, device=DEVICE, requires_grad=grad)
+
+                def call(hidden=hidden, grad=grad):
+                    with torch.backends.cudnn.flags(enabled=True), torch.set_grad_enabled(grad):
+                        out = conv(hidden)
+                        if grad:
+                            out.sum().backward()
+
+                peaks.append(measure(call)[1])
+            print(f"  {'grad' if grad else 'no grad':7s} {batch:3d}: " + " ".join(f"{p:5.1f}" for p in peaks))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -194,6 +216,7 @@ def main() -> int:
     parser.add_argument(
         "--tiny", action="store_true", help="a tiny HuBERT and batch 4 (a check of the script)"
     )
+    parser.add_argument("--grid", action="store_true", help="also the positional convolution over a grid")
     args = parser.parse_args()
     global DEVICE
     DEVICE = torch.device(args.device)
@@ -209,6 +232,8 @@ def main() -> int:
         evaluation(config, split(Path(tmp), args.utterances))
         training(config, Path(tmp), 4 if args.tiny else 64)
     positional_conv(config)
+    if args.grid:
+        positional_conv_grid(config)
     return 0
 
 

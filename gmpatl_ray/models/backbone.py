@@ -165,9 +165,9 @@ def _positional_conv_kernel(hidden: torch.Tensor) -> Iterator[None]:
     kernel instead of cuDNN for batches of at most ``SHORT_FRAMES`` frames without gradients (evaluation,
     extraction, prediction). On many short items cuDNN's pick asks for 15 to 58 GiB of workspace and runs
     slower (64 x 124 frames on an H200: 21 GiB and 89 ms against 0.3 GiB and 32 ms), at batch shapes too
-    erratic to list; on H200 it happened up to 150 frames, never from 300 on, where cuDNN is the much faster
-    one (64 x 399: 3.3 ms against 39 ms) and is kept (``benchmarks/gpu_memory.py``). Training is left
-    alone: its backward picks its kernel after this context has closed."""
+    erratic to list: on an H200 up to 128 frames, never from 150 on. Above, cuDNN is much the faster one
+    (64 x 399: 3.3 ms against 39 ms) and is kept (``benchmarks/gpu_memory.py``). Training is left alone:
+    its backward picks its kernel after this context has closed."""
     if torch.is_grad_enabled() or hidden.device.type != "cuda" or hidden.shape[1] > SHORT_FRAMES:
         yield
         return
