@@ -56,6 +56,7 @@ def main() -> None:
                 f"data.manifest={args.workdir}/manifest.csv",
                 f"experiment.output_dir={scratch / 'cached'}",
                 "tracking.log_model=false",
+                "train.keep_run_folders=true",  # stage executions are counted as Ray Train run folders
                 *epochs,
             ],
         )

@@ -31,6 +31,7 @@ def shared(tmp_path_factory):
 
 
 def built_runs(shared) -> set[str]:
+    """Ray Train runs of stages (their folders are kept in these sweeps: ``sweep_config``)."""
     return {run.name for run in (shared / "ray_train").glob("stage*-*")}
 
 
@@ -47,6 +48,7 @@ def sweep_config(folder, shared, name: str, *overrides: str):
         "tracking.experiment=sweep-test",
         "tracking.log_model=false",
         "train.cpus_per_worker=1",  # two trials' stages side by side on the 2 CPUs
+        "train.keep_run_folders=true",  # stage runs are counted by their Ray Train folders
         *TINY_TRAINING,
         *overrides,
     )
