@@ -191,8 +191,9 @@ class TrainConfig(_Section):
     validation: Literal["stratified", "session"] = "stratified"
     """The utterances that pick each stage's best epoch, carved out of the training folds. ``stratified``:
     ``val_fraction`` of each emotion, drawn with the seed; they share speakers with training, so selection
-    is optimistic. ``session``: the whole fold after the test fold (speakers training never sees), at the
-    cost of that fold's training data (a quarter of it on IEMOCAP's five sessions). The paper does not say."""
+    is optimistic. ``session``: the whole fold after the test fold (speakers whose labels never train a
+    stage; their audio still joins the k-means), at the cost of that fold's training data (a quarter of it
+    on IEMOCAP's five sessions). The paper does not say."""
     val_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.1
     """Share of the training folds held out (per emotion) to pick the best epoch (``stratified``)."""
     max_duration_s: PositiveFloat = 8.0
@@ -215,7 +216,7 @@ class TrainConfig(_Section):
     eval_max_duration_s: PositiveFloat = 20.0
     """Longer utterances are evaluated in frame-exact chunks of at most this length whose HuBERT frames are
     joined again before the utterance head, so one long file never decides the memory peak. Shorter ones
-    get exactly the frames of a lone forward pass."""
+    get the frames of a lone forward pass (padding counts for nothing)."""
     poll_interval_s: PositiveFloat = 2.0
     """How often Ray Train's controller checks its workers (``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``, Ray's
     default 2 s). Each stage waits for several checks between start-up phases, so short stages (the demo,

@@ -1,7 +1,7 @@
 """Leave-one-fold-out splits: fold k tests on its own utterances and trains on every other fold; the
 validation set for model selection is carved out of the training folds, never the test fold: a seeded share
 of each emotion (``stratified``, the same speakers as training) or the whole next fold (``session``, speakers
-training never sees)."""
+whose labels training never sees)."""
 
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ seconds of padded audio (grouping by length also keeps the padding small). An ut
 ``train.eval_max_duration_s`` is cut into frame-exact chunks (:func:`gmpatl_ray.features.chunk_bounds`)
 that run as forward passes of their own; its frames are joined again before anything that looks at the
 whole utterance (the BiLSTM and the pooling), so it is still scored as one utterance. A shorter utterance
-gets exactly the frames of a lone forward pass: the backbone's batched forward ignores padding.
+gets the frames of a lone forward pass (to float rounding): the backbone's batched forward ignores padding.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from .config import Config
 from .data.audio import load_audio
 from .features import chunk_bounds
 from .metrics import uar, war
+from .models.backbone import conv_geometry
 from .training import collate
 
 
@@ -140,8 +141,6 @@ def emotion_scores(
     """WAR, UAR and the per-row truth and predictions (in the order of ``rows``) of an emotion model:
     ``model.frames`` is its backbone part, ``logits(frames, lengths)`` the emotion logits of its head.
     One process, eval mode, on the model's device."""
-    from .models.backbone import conv_geometry
-
     model.eval()
     device = next(model.parameters()).device
     stride, receptive_field = conv_geometry(model.backbone.config)
