@@ -181,21 +181,26 @@ def torch_threads(n: int) -> None:
 def _sample_frames(
     features: FeatureStore, layer: int, fit: set[str], total: int, max_frames: int, seed: int
 ) -> np.ndarray:
-    """A uniform sample without replacement of ``max_frames`` of the fit frames (all when fewer), float32."""
+    """A uniform sample without replacement of ``max_frames`` of the fit frames (all when fewer), float32,
+    in utterance-id order. The store's files come in the order of their names, which Ray Data makes anew
+    on every extraction, so reading order would make the sample, and k-means, differ between two runs of
+    the same config."""
     take = (
         np.sort(np.random.default_rng(seed).choice(total, max_frames, replace=False))
         if total > max_frames
         else None
     )
-    parts, offset = [], 0
-    for _, x in features.iter_layer(layer, fit):
+    index = features.index().set_index("utt_id")["frames"].loc[sorted(fit)]
+    offsets = dict(zip(index.index, np.cumsum(index.to_numpy()) - index.to_numpy(), strict=True))
+    parts = {}
+    for utt_id, x in features.iter_layer(layer, fit):
         if take is None:
-            parts.append(x)
+            parts[utt_id] = x
         else:
+            offset = offsets[utt_id]
             lo, hi = np.searchsorted(take, [offset, offset + len(x)])
-            parts.append(x[take[lo:hi] - offset])
-        offset += len(x)
-    return np.concatenate(parts).astype(np.float32)
+            parts[utt_id] = x[take[lo:hi] - offset]
+    return np.concatenate([parts[u] for u in sorted(parts)]).astype(np.float32)
 
 
 def _label_everything(

@@ -3,12 +3,15 @@ reuse and invalidation, bad scales, and the quality report's numbers."""
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 
-from gmpatl_ray.artifacts import ArtifactCache
+from gmpatl_ray.artifacts import Artifact, ArtifactCache
 from gmpatl_ray.clustering import assign, fit_kmeans, gpu_available
 from gmpatl_ray.errors import InputError
+from gmpatl_ray.features import FeatureStore
 from gmpatl_ray.gmp import build_gmps, build_gmps_on_cluster
 from gmpatl_ray.gmp_report import label_quality, purity
 
@@ -91,6 +94,32 @@ def test_reuse_and_invalidation(features, tmp_path):
     assert built and sampled.meta["sampled_frames"] == 1000
     seeded, built = build_gmps(store, -2, config.gmp, 1, None, cache)
     assert built and seeded.path != first.path
+
+
+@pytest.mark.parametrize("max_frames", [1_000_000, 300])
+def test_the_gmps_do_not_depend_on_the_order_of_the_stores_files(features, tmp_path, max_frames):
+    """The same features in files named in the reverse order (Ray Data names them anew on every
+    extraction): the same k-means sample, hence the same centroids and labels (all frames, or 300)."""
+    config, _, store = features
+    copy = tmp_path / "reordered" / store.path.name
+    shutil.copytree(store.path, copy)
+    files = sorted((copy / "parquet").glob("*.parquet"))
+    assert len(files) > 1
+    for i, f in enumerate(reversed(files)):
+        f.rename(f.with_name(f"{i:03d}-{f.name}"))
+    reordered = FeatureStore(Artifact(copy, store.artifact.meta))
+    ids = [u for u, _ in store.iter_layer(-2)]
+    assert [u for u, _ in reordered.iter_layer(-2)] != ids  # the reading order did change
+    gmp = config.gmp.model_copy(update={"max_frames": max_frames})
+    first, _ = build_gmps(store, -2, gmp, 0, None, ArtifactCache(tmp_path / "a"))
+    second, _ = build_gmps(reordered, -2, gmp, 0, None, ArtifactCache(tmp_path / "b"))
+    for k in gmp.scales:
+        np.testing.assert_array_equal(first.centroids(k), second.centroids(k))
+    assert dict(first.iter_labels()).keys() == dict(second.iter_labels()).keys()
+    labels = dict(second.iter_labels())
+    for utt_id, by_scale in first.iter_labels():
+        for k in gmp.scales:
+            np.testing.assert_array_equal(by_scale[k], labels[utt_id][k])
 
 
 def test_k_larger_than_the_frames_fails_naming_the_field(features, tmp_path):
