@@ -200,7 +200,20 @@ def start_group(args: list[str], **kwargs) -> subprocess.Popen:
 
 
 def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the process group and every process descended from its leader: Ray starts some of its
+    processes (the train workers among them) outside the group, and those would otherwise go on training
+    and checkpointing after "the machine went away", racing the rerun."""
+    try:
+        family = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        family = []
     os.killpg(proc.pid, signal.SIGKILL)
+    for member in family:
+        try:
+            member.kill()
+        except psutil.NoSuchProcess:
+            continue
+    psutil.wait_procs(family, timeout=30)
     proc.wait(timeout=30)
 
 
