@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint lock clean
+.PHONY: demo test lint lock lock-gpu clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,15 +17,20 @@ demo: $(STAMP)
 	$(BIN)/gmpatl cv --config configs/demo.yaml
 
 test: $(STAMP)
-	$(BIN)/ruff check gmpatl_ray jobs tests benchmarks
+	$(BIN)/ruff check gmpatl_ray jobs tests benchmarks tools
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)
-	$(BIN)/ruff check gmpatl_ray jobs tests benchmarks
+	$(BIN)/ruff check gmpatl_ray jobs tests benchmarks tools
 
-# Re-pin every transitive dependency after changing pyproject.toml (commit the result).
+# Re-pin every transitive dependency after changing pyproject.toml (commit the result), then the GPU
+# nodes' lock (constraints-gpu.txt, what the Dockerfile installs) from it: a pip dry run, nothing installed.
 lock: $(STAMP)
 	$(BIN)/python -m pip freeze --exclude-editable --exclude gmpatl-ray > constraints.txt
+	$(MAKE) lock-gpu
+
+lock-gpu: $(STAMP)
+	$(BIN)/python tools/gpu_lock.py --write
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from .atomic import atomic_write_text
-from .config import Config, dump_config, load_config
+from .config import Config, dump_config, load_config, with_absolute_paths
 from .errors import InputError
 
 EXIT_BAD_INPUT = 2
@@ -112,6 +112,15 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--sweep", metavar="NAME", help="one row per trial of this sweep (experiment.name)")
     report.add_argument("--csv", metavar="FILE", help="also write the table as CSV")
 
+    verify = commands.add_parser(
+        "verify-cache",
+        help="recompute every checksum of every artifact in experiment.cache_dir (routine loads check sizes)",
+    )
+    _config_args(verify)
+    verify.add_argument(
+        "--remove-damaged", action="store_true", help="delete damaged artifacts (the next run rebuilds them)"
+    )
+
     sync = commands.add_parser(
         "tracking-sync", help="send to MLflow what waited out a tracking outage in tracking-offline files"
     )
@@ -123,7 +132,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load(args: argparse.Namespace, extra: list[str] = ()) -> Config:
-    return load_config(getattr(args, "config", None), [*getattr(args, "overrides", []), *extra])
+    """The validated config with absolute paths (workers, trials and tasks run in other directories and
+    on other nodes); in a submitted job a relative path is an error, since it would land in the job's
+    scratch copy of the working dir."""
+    from .runtime import RELATIVE_IN_A_JOB, in_submitted_job
+
+    config = load_config(getattr(args, "config", None), [*getattr(args, "overrides", []), *extra])
+    return with_absolute_paths(config, RELATIVE_IN_A_JOB if in_submitted_job() else None)
 
 
 def _prepare_overrides(args: argparse.Namespace) -> list[str]:
@@ -166,11 +181,13 @@ def _features(config: Config):
     """Manifest (prepared if missing), Ray, and the cached or freshly extracted feature store."""
     from .artifacts import ArtifactCache
     from .data.prepare import load_or_prepare
+    from .devices import resolve_devices
     from .features import extract_features
     from .runtime import init_ray
 
     manifest = load_or_prepare(config.data)
     init_ray()
+    config = resolve_devices(config)
     cache = ArtifactCache(config.experiment.cache_dir)
     store, built = extract_features(config, manifest, cache)
     meta = store.artifact.meta
@@ -184,7 +201,7 @@ def _features(config: Config):
             f"  {meta['seconds']:.1f} s on {meta['device']}: "
             f"{meta['audio_s_per_s']:.1f} audio seconds per second"
         )
-    return manifest, cache, store
+    return config, manifest, cache, store
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
@@ -210,8 +227,7 @@ def _gmps(config: Config, cache, store, layer: int):
 
 
 def cmd_cluster(args: argparse.Namespace) -> int:
-    config = _load(args)
-    _, cache, store = _features(config)
+    config, _, cache, store = _features(_load(args))
     _gmps(config, cache, store, config.gmp.layer)
     return 0
 
@@ -221,8 +237,7 @@ def cmd_gmp_report(args: argparse.Namespace) -> int:
 
     from .gmp_report import label_quality, save_report, to_markdown
 
-    config = _load(args)
-    manifest, cache, store = _features(config)
+    config, manifest, cache, store = _features(_load(args))
     table = pd.concat([label_quality(_gmps(config, cache, store, layer), manifest) for layer in store.layers])
     paths = save_report(table, Path(config.experiment.output_dir) / "reports")
     print(to_markdown(table))
@@ -308,6 +323,23 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_verify_cache(args: argparse.Namespace) -> int:
+    import shutil
+
+    from .artifacts import ArtifactCache
+
+    cache = ArtifactCache(_load(args).experiment.cache_dir)
+    checked, damaged = cache.verify()
+    print(f"{cache.root}: {checked} artifact(s) checked in full, {len(damaged)} damaged")
+    for folder, problems in damaged.items():
+        for problem in problems:
+            print(f"  {problem}")
+        if args.remove_damaged:
+            shutil.rmtree(folder)
+            print(f"  removed {folder}: the next run that needs it builds it again")
+    return 1 if damaged else 0
+
+
 def cmd_tracking_sync(args: argparse.Namespace) -> int:
     from .tracking import Tracker
 
@@ -338,6 +370,7 @@ COMMANDS = {
     "cv": cmd_cv,
     "sweep": cmd_sweep,
     "report": cmd_report,
+    "verify-cache": cmd_verify_cache,
     "tracking-sync": cmd_tracking_sync,
     "config": cmd_config,
 }

@@ -84,11 +84,13 @@ class DataConfig(_Section):
 
     source: Literal["iemocap", "demo", "manifest"] = "iemocap"
     root: str | None = None
-    """Corpus root: IEMOCAP_full_release for ``iemocap``, the folder to generate for ``demo``."""
+    """Corpus root: IEMOCAP_full_release for ``iemocap``; for ``demo`` the folder to generate, default
+    ``<output_dir>/IEMOCAP_demo``."""
     csv: str | None = None
     """For ``source: manifest``: your own CSV in the manifest format (README, "Bring your own corpus")."""
-    manifest: str = "outputs/iemocap/manifest.csv"
-    """Where ``gmpatl prepare`` writes the manifest and every later step reads it."""
+    manifest: str = "outputs/manifest.csv"
+    """Where ``gmpatl prepare`` writes the manifest and every later step reads it; default
+    ``<output_dir>/manifest.csv``."""
     emotions: list[str] = Field(default_factory=lambda: ["ang", "hap", "neu", "sad"], min_length=2)
     merge: dict[str, str] = Field(default_factory=lambda: {"exc": "hap"})
     """Labels renamed before filtering: IEMOCAP's 'excited' joins 'happy'."""
@@ -183,7 +185,16 @@ class TrainConfig(_Section):
     num_workers: PositiveInt = 1
     use_gpu: bool = False
     cpus_per_worker: PositiveInt = 1
-    """Logical CPUs per worker, and its torch threads (Ray starts workers with one)."""
+    """Logical CPUs reserved per worker: its data loader processes take one each, torch's threads the rest
+    (at least one; Ray starts workers with one)."""
+    loader_workers: Annotated[int, Field(ge=0)] = 2
+    """DataLoader processes per worker that read and decode the next batches' audio while the model trains
+    (from shared storage, file by file); 0 reads in the training process. Batches are the same either way."""
+    pin_memory: bool = True
+    """Page-locked batches, copied to the GPU without blocking (GPU workers only)."""
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    """How a stage's workers are placed on the cluster's nodes (Ray placement-group strategies): PACK fills
+    a node first (NCCL within a node is fastest), SPREAD puts them on different nodes."""
     max_failures: Annotated[int, Field(ge=0)] = 2
     """Worker failures a stage survives by restarting from its last checkpoint."""
     storage_path: str = "outputs/ray_train"
@@ -339,17 +350,21 @@ class SweepConfig(_Section):
 
 OUTPUT_FOLDERS = (
     ("experiment", "cache_dir", "cache"),
+    ("data", "manifest", "manifest.csv"),
     ("train", "storage_path", "ray_train"),
     ("sweep", "storage_path", "ray_tune"),
 )
-"""Folders that default to ``<experiment.output_dir>/<folder>``."""
+"""Paths that default to ``<experiment.output_dir>/<name>``: everything a run writes lives there."""
+DEMO_CORPUS_FOLDER = "IEMOCAP_demo"
+"""The generated demo corpus, ``<experiment.output_dir>/IEMOCAP_demo`` unless ``data.root`` says."""
+IEMOCAP_ROOT = "IEMOCAP_full_release"
 
 
 class Config(_Section):
     """One experiment."""
 
     experiment: ExperimentConfig = ExperimentConfig()
-    data: DataConfig = DataConfig(root="IEMOCAP_full_release")
+    data: DataConfig = DataConfig(root=IEMOCAP_ROOT)
     backbone: BackboneConfig = BackboneConfig()
     extract: ExtractConfig = ExtractConfig()
     train: TrainConfig = TrainConfig()
@@ -372,10 +387,16 @@ class Config(_Section):
         if not isinstance(experiment, dict):
             return raw
         out = experiment.get("output_dir") or ExperimentConfig().output_dir
-        for section, field, folder in OUTPUT_FOLDERS:
+        if not isinstance(out, str):
+            return raw
+        out = out.rstrip("/")
+        data = raw.setdefault("data", {"root": IEMOCAP_ROOT})
+        if isinstance(data, dict) and data.get("source") == "demo" and data.get("root") is None:
+            data["root"] = f"{out}/{DEMO_CORPUS_FOLDER}"
+        for section, field, name in OUTPUT_FOLDERS:
             part = raw.setdefault(section, {}) if section != "sweep" else raw.get(section)
-            if isinstance(part, dict) and part.get(field) is None and isinstance(out, str):
-                part[field] = f"{out.rstrip('/')}/{folder}"
+            if isinstance(part, dict) and part.get(field) is None:
+                part[field] = f"{out}/{name}"
         return raw
 
     @model_validator(mode="after")
@@ -452,8 +473,9 @@ def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Config:
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     """Load and validate a YAML experiment; ``None`` gives the paper defaults. Overrides win over the file.
 
-    A file may start from another: ``extends: demo.yaml`` (relative to the file) loads that one first and
-    merges this file's sections into it field by field (lists and values replace, sections merge).
+    A file may start from others: ``extends: demo.yaml`` (relative to the file) loads that one first and
+    merges this file's sections into it field by field (lists and values replace, sections merge);
+    ``extends: [table3.yaml, cluster.yaml]`` merges several in order, each one over the one before.
     """
     raw: dict[str, Any] = {}
     source = "<defaults>"
@@ -479,15 +501,20 @@ def _read_yaml(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
     if loaded is not None and not isinstance(loaded, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
     raw = loaded or {}
-    base = raw.pop("extends", None)
-    if base is None:
+    bases = raw.pop("extends", None)
+    if bases is None:
         return raw
-    if not isinstance(base, str):
-        raise ConfigError(f"{path}: extends: expected the path of another config, got {base!r}")
-    base_path = (path.parent / base).resolve()
-    if base_path in seen:
-        raise ConfigError(f"{path}: extends: {base} extends itself through {[str(p) for p in seen]}")
-    return _merge(_read_yaml(base_path, (*seen, path.resolve())), raw)
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not bases or not all(isinstance(b, str) for b in bases):
+        raise ConfigError(f"{path}: extends: expected the path of another config or a list of them")
+    merged: dict[str, Any] = {}
+    for base in bases:
+        base_path = (path.parent / base).resolve()
+        if base_path in seen or base_path == path.resolve():
+            raise ConfigError(f"{path}: extends: {base} extends itself through {[str(p) for p in seen]}")
+        merged = _merge(merged, _read_yaml(base_path, (*seen, path.resolve())))
+    return _merge(merged, raw)
 
 
 def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
@@ -509,15 +536,23 @@ PATH_FIELDS = (
 )
 
 
-def with_absolute_paths(config: Config) -> Config:
+def with_absolute_paths(config: Config, refuse_relative: str | None = None) -> Config:
     """The config with its relative paths (and a local ``backbone.pretrained`` folder) resolved against the
-    current directory, for processes that run elsewhere: Tune runs each trial in its own folder."""
+    current directory: every process that reads the config runs elsewhere (Ray Train workers, Tune trials,
+    tasks on other nodes), so no path may depend on where it runs. ``refuse_relative``: why a relative path
+    cannot be right here (a submitted job's scratch copy of the working dir); each one is then an error
+    naming its field."""
     raw = config.model_dump(mode="json")
+    relative = []
     for key in PATH_FIELDS:
         section, field = key.split(".")
         value = (raw.get(section) or {}).get(field)
         if isinstance(value, str) and value and "://" not in value:
-            raw[section][field] = str(Path(value).resolve())
+            if refuse_relative and not Path(value).expanduser().is_absolute():
+                relative.append(f"  {key}: {value!r} is relative")
+            raw[section][field] = str(Path(value).expanduser().resolve())
+    if relative:
+        raise ConfigError("\n".join([f"relative paths {refuse_relative}:", *relative]))
     pretrained = raw["backbone"]["pretrained"]
     if pretrained and Path(pretrained).exists():
         raw["backbone"]["pretrained"] = str(Path(pretrained).resolve())

@@ -23,7 +23,7 @@ import pandas as pd
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
-from .artifacts import Artifact, ArtifactCache, file_sha256, fingerprint
+from .artifacts import Artifact, ArtifactCache, Contents, file_sha256, fingerprint, recorded_checksums
 from .config import BackboneConfig, Config, ExtractConfig
 from .data.audio import decode_batch
 
@@ -39,7 +39,9 @@ def requested_layers(config: Config) -> list[int]:
 
 
 def backbone_identity(cfg: BackboneConfig, seed: int) -> dict[str, Any]:
-    """What makes two backbones the same for caching: the weights' checksums, or size and seed."""
+    """What makes two backbones the same for caching: the weights' checksums, or size and seed. A stage's
+    saved HuBERT has its checksums in its artifact's marker already (computed once, where it was written);
+    any other folder is hashed once per process and file version."""
     if cfg.random_init is not None:
         return {"random_init": cfg.random_init.model_dump(), "seed": seed}
     folder = Path(cfg.pretrained).expanduser()
@@ -52,7 +54,21 @@ def backbone_identity(cfg: BackboneConfig, seed: int) -> dict[str, Any]:
             "snapshot": Path(cached).parent.name if isinstance(cached, str) else None,
         }
     weights = sorted(p for p in folder.iterdir() if p.suffix in (".json", ".safetensors", ".bin"))
-    return {"pretrained": {p.name: file_sha256(p) for p in weights}}
+    recorded = recorded_checksums(folder) or {}
+    return {"pretrained": {p.name: recorded.get(p.name) or _checksum(p) for p in weights}}
+
+
+_CHECKSUMS: dict[tuple[str, int, int], str] = {}
+
+
+def _checksum(path: Path) -> str:
+    """SHA-256 of ``path``, remembered by (path, size, modification time) for this process: every fold
+    and stage of a CV asks for the same base weights' identity."""
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _CHECKSUMS:
+        _CHECKSUMS[key] = file_sha256(path)
+    return _CHECKSUMS[key]
 
 
 def manifest_identity(manifest: pd.DataFrame) -> str:
@@ -197,18 +213,19 @@ per-call overhead is paid once per 16 utterances however small the forward batch
 
 
 def extraction_plan(extract: ExtractConfig) -> tuple[str, int]:
-    """The device and number of actors for the connected cluster."""
+    """The device (``extract.device``; ``auto`` is normally resolved by the command already, see
+    :mod:`gmpatl_ray.devices`) and the most actors: ``extract.actors``, else one per GPU (at least one, for
+    the autoscaler to bring up) or one per CPU core of the cluster now."""
     import ray
 
-    resources = ray.cluster_resources()
-    device = extract.device
-    if device == "auto":
-        device = "cuda" if resources.get("GPU", 0) >= 1 else "cpu"
+    from .devices import cluster_gpus, extract_device
+
+    device = extract_device(extract.device)
     if extract.actors is not None:
         return device, extract.actors
     if device == "cuda":
-        return device, max(1, int(resources.get("GPU", 0)))
-    return device, max(1, int(resources.get("CPU", 1) // extract.threads_per_actor))
+        return device, max(1, int(cluster_gpus()))
+    return device, max(1, int(ray.cluster_resources().get("CPU", 1) // extract.threads_per_actor))
 
 
 def feature_inputs(config: Config, manifest: pd.DataFrame) -> dict[str, Any]:
@@ -240,12 +257,9 @@ def extract_features(
             hidden_state_index(layer, config.backbone.random_init.num_hidden_layers)
     key = fingerprint(inputs)
 
-    def build(folder: Path) -> dict[str, Any]:
-        return {
-            "inputs": inputs,
-            "layers": layers,
-            **_run_pipeline(config, manifest, layers, folder / "parquet"),
-        }
+    def build(folder: Path) -> Contents:
+        meta = _run_pipeline(config, manifest, layers, folder / "parquet")
+        return Contents({"inputs": inputs, "layers": layers, **meta}, _checksums_on_the_cluster(folder))
 
     artifact, built = cache.get_or_build(KIND, key, build)
     return FeatureStore(artifact), built
@@ -270,10 +284,13 @@ def _run_pipeline(config: Config, manifest: pd.DataFrame, layers: list[int], out
         fn_kwargs={"sample_rate": config.data.sample_rate, "resample": config.data.resample, "crop": crop},
         num_cpus=IO_TASK_CPUS,
     )
+    # On GPUs the pool starts with one actor and grows to ``actors`` as GPUs come (an autoscaling cluster's
+    # GPU nodes may be at zero when extraction starts: the request waits for them).
+    pool = ray.data.ActorPoolStrategy(min_size=1, max_size=actors) if device == "cuda" else None
     ds = ds.map_batches(
         HubertExtractor,
         batch_size=max(ROWS_PER_CALL, extract.batch_size),
-        compute=ray.data.ActorPoolStrategy(size=actors),
+        compute=pool or ray.data.ActorPoolStrategy(size=actors),
         fn_constructor_kwargs={
             "backbone": config.backbone,
             "seed": config.experiment.seed,
@@ -294,6 +311,24 @@ def _run_pipeline(config: Config, manifest: pd.DataFrame, layers: list[int], out
         "audio_s_per_s": summary["audio_s"] / seconds,
         "device": device,
         "actors": actors,
+    }
+
+
+def _checksums_on_the_cluster(folder: Path) -> dict[str, dict[str, Any]]:
+    """Size and SHA-256 of every file of a written store, computed by Ray tasks on the cluster's nodes
+    (the files are on shared storage), not by reading gigabytes back in the calling process."""
+    import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    paths = sorted(p for p in folder.rglob("*") if p.is_file())
+    checksum = ray.remote(
+        num_cpus=IO_TASK_CPUS,
+        scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None),  # not a trial's group
+    )(file_sha256)
+    digests = ray.get([checksum.remote(p) for p in paths])
+    return {
+        str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": digest}
+        for p, digest in zip(paths, digests, strict=True)
     }
 
 

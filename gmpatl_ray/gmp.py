@@ -150,23 +150,39 @@ def build_gmps_on_cluster(
     fit_utts: Iterable[str] | None,
     cache: ArtifactCache,
 ) -> tuple[GMPStore, bool]:
-    """:func:`build_gmps` as a Ray task: on a GPU worker for cuML, so the driver (head) only waits."""
+    """:func:`build_gmps` as a Ray task (:func:`submit_gmps`), waited for."""
     import ray
 
-    _fit_plan(features, fit_utts, gmp)  # impossible scales fail here, not inside the task
-    gpus_in_cluster = ray.cluster_resources().get("GPU", 0) >= 1
-    num_gpus = 1 if gmp.backend == "cuml" or (gmp.backend == "auto" and gpus_in_cluster) else 0
+    return ray.get(submit_gmps(features, layer, gmp, seed, fit_utts, cache))
+
+
+def submit_gmps(
+    features: FeatureStore,
+    layer: int,
+    gmp: GMPConfig,
+    seed: int,
+    fit_utts: Iterable[str] | None,
+    cache: ArtifactCache,
+):
+    """Start :func:`build_gmps` as a Ray task: on a GPU worker for cuML, waiting for one if there is none
+    yet (never falling back to the CPU), so the driver (head) only waits. ``gmp.backend`` is normally
+    resolved by the command already (:mod:`gmpatl_ray.devices`); ``auto`` here means a GPU if the cluster
+    has one now. Returns the task's ObjectRef."""
+    import ray
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+    from .devices import kmeans_backend
+
+    _fit_plan(features, fit_utts, gmp)  # impossible scales fail here, not inside the task
+    gmp = gmp.model_copy(update={"backend": kmeans_backend(gmp.backend)})
+    num_gpus = 1 if gmp.backend == "cuml" else 0
     # Scheduled on the cluster, not inside the caller's placement group (a Tune trial's holds no CPU).
     task = ray.remote(
         num_cpus=1,
         num_gpus=num_gpus,
         scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None),
     )(build_gmps)
-    return ray.get(
-        task.remote(features, layer, gmp, seed, None if fit_utts is None else sorted(fit_utts), cache)
-    )
+    return task.remote(features, layer, gmp, seed, None if fit_utts is None else sorted(fit_utts), cache)
 
 
 def torch_threads(n: int) -> None:

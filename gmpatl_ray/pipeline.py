@@ -21,6 +21,7 @@ from .atomic import atomic_write_text
 from .config import Config, dump_config
 from .cv import FoldSplit, fold_split
 from .data.prepare import skipped_list_path
+from .devices import resolve_devices
 from .features import extract_features
 from .gmp import build_gmps_on_cluster
 from .plots import confusion_plot, training_curves
@@ -105,6 +106,7 @@ def run_cv(
     reports it to Tune). ``unique_name``: ``run_name`` names this CV alone (a sweep's trial), so even a
     finished run of that name is the same CV, rerun (a trial Tune restarts) and logged into, not beside.
     Returns the per-fold table."""
+    config = resolve_devices(config)  # once, so no fold (or trial) decides by the cluster of the moment
     emotions = config.data.emotions
     reports = Path(config.experiment.output_dir) / "reports"
     resolved = config.model_dump(mode="json", exclude={"sweep"})
@@ -233,12 +235,14 @@ def _track_fold(
         tracker.artifact(run, artifacts["stage3"].path, "model")
     for stage in stages:
         meta = artifacts[stage].meta
+        workers = meta.get("workers", [])  # where each rank ran (stages cached before this was recorded)
         tags = {
             "gmpatl.kind": "stage",
             "gmpatl.stage": stage,
             "gmpatl.fold": str(fold),
             "gmpatl.reused": str(not result.built[stage]).lower(),
             "gmpatl.resumed_at_epochs": ",".join(map(str, meta["resumed_at_epochs"])),
+            "gmpatl.workers": " ".join(f"{w['rank']}:{w['device']}@{w['hostname']}" for w in workers),
         }
         child, logged = _open_run(tracker, f"fold-{fold}-{stage}", run, tags, resuming)
         if logged:

@@ -18,6 +18,7 @@ import pandas as pd
 
 from .artifacts import ArtifactCache
 from .config import Config, SweepConfig, config_from_dict, set_field, with_absolute_paths
+from .devices import resolve_devices
 from .pipeline import run_cv
 from .report import PARAM_TAG
 from .tracking import Tracker
@@ -91,7 +92,9 @@ def run_sweep(config: Config, manifest: pd.DataFrame, folds: list, resume: bool 
     objective and the test means."""
     from ray import tune
 
-    config = with_absolute_paths(config)
+    # Paths and devices fixed here, once: every trial gets the same (trials run in folders of their own,
+    # and an ``auto`` device decided per trial could differ between trials as GPU nodes come and go).
+    config = resolve_devices(with_absolute_paths(config))
     sweep = config.sweep
     base = config.model_dump(mode="json")
     # Create the MLflow experiment here, once, rather than racing to create it from concurrent trials.

@@ -1,11 +1,17 @@
 """What every stage shares on Ray Train: the audio dataset and its padded batches, the one training loop,
 checkpoints that load without unpickling code, and the trainer built from ``config.train``.
 
-A stage is a *recipe* module (``gmpatl_ray.stages.stageN``) with four functions the loop calls:
-``build_model(config, loop)``, ``dataset(config, loop, rows, train)``, ``loss(model, batch, config)`` and
+A stage is a *recipe* module (``gmpatl_ray.stages.stageN``) with five functions the loop calls:
+``build_model(config, loop)``, ``dataset(config, loop, rows, train)``, ``loss(model, batch, config)``,
 ``evaluate(model, loop, config) -> metrics`` (``metrics["score"]``: higher is better, picks the best
-epoch). The run name is the stage's fingerprint, so rerunning an interrupted stage resumes it from its
-last checkpoint (Ray Train V2: same ``storage_path`` and ``name``).
+epoch) and ``finish(model, loop, config, best) -> meta`` (what the stage records of its kept model, e.g.
+stage 3's test scores). The run name is the stage's fingerprint, so rerunning an interrupted stage resumes
+it from its last checkpoint (Ray Train V2: same ``storage_path`` and ``name``).
+
+Everything that needs the model runs inside the Ray Train run, on the workers' devices: rank 0 validates,
+and at the end loads the best epoch's weights, writes the stage's artifact files into the cache's build
+folder (``loop["out"]``, on shared storage), runs ``finish`` and checksums the files. The process that
+called :func:`fit` (a CV driver, a Tune trial) gets back metadata only.
 
 A resumed stage ends with the same weights as an uninterrupted one: the shuffling, the training crops and
 torch's generator (dropout, stage 2's masks) are functions of the seed, the worker and the epoch, never of
@@ -15,8 +21,10 @@ how many epochs this process has run. The best epoch's weights are a copy taken 
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import shutil
+import socket
 import tempfile
 import time
 from collections.abc import Callable
@@ -27,7 +35,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .artifacts import Artifact, ArtifactCache
+from .artifacts import Artifact, ArtifactCache, Contents, file_records
+from .atomic import atomic_write_text
 from .config import Config, DataConfig, TrainConfig
 from .data.audio import load_audio
 from .errors import InputError
@@ -143,15 +152,10 @@ def stage_artifact(
     return found
 
 
-def run_record(state: dict[str, Any]) -> dict[str, Any]:
+def run_record(best: dict[str, Any], history: list[dict], steps: int, resumes: list[int]) -> dict[str, Any]:
     """What a stage artifact records of its training run: the best epoch, the per-epoch history, the
     optimizer steps taken and the epochs at which a restarted run resumed from a checkpoint."""
-    return {
-        "best_epoch": state["best"]["epoch"],
-        "history": state["history"],
-        "steps": state["steps"],
-        "resumed_at_epochs": state["resumes"],
-    }
+    return {"best_epoch": best["epoch"], "history": history, "steps": steps, "resumed_at_epochs": resumes}
 
 
 def prepare_backbone(backbone: torch.nn.Module, config: Config, masking: bool = False) -> None:
@@ -169,28 +173,58 @@ def training_crop(config: Config) -> int:
     return int(config.train.max_duration_s * config.data.sample_rate)
 
 
+class CollectiveDeviceError(RuntimeError):
+    """A collective's tensor is not on the device of the model it serves."""
+
+
+def world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def all_reduce_sum(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor`` summed over the DDP workers in place (returned). Every collective of the project goes
+    through here, and its tensor must be on ``device``, the model's: Ray picks NCCL for GPU workers, and
+    NCCL has no CPU tensors, so one made on the CPU would crash every multi-GPU run at its first call,
+    while gloo on CPUs never notices. So it is checked on every call, even with one worker (no
+    collective then), and a test gives the model another device than the CPU."""
+    import torch.distributed as dist
+
+    if tensor.device.type != device.type or device.index not in (None, tensor.device.index):
+        raise CollectiveDeviceError(
+            f"a collective's tensor is on {tensor.device}, the model on {device}: NCCL would fail there"
+        )
+    if world_size() > 1:
+        dist.all_reduce(tensor)
+    return tensor
+
+
 def global_mean(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
     """``total / count`` with ``count`` summed over the DDP workers, times the number of workers: DDP
     averages gradients over workers, so they become the gradients of the sum of every worker's ``total``
     over the sum of every worker's ``count`` (a mean over all frames, however unevenly they fall)."""
-    import torch.distributed as dist
+    count = all_reduce_sum(count.detach().to(total.device, torch.float64, copy=True), total.device)
+    return total * world_size() / count.clamp(min=1).to(total.dtype)
 
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        count = count.detach().clone().to(total.device, torch.float64)
-        dist.all_reduce(count)
-        return total * dist.get_world_size() / count.clamp(min=1).to(total.dtype)
-    return total / count.clamp(min=1).to(total.dtype)
+
+def epoch_sums(total: float, count: int, device: torch.device) -> torch.Tensor:
+    """(summed training loss, utterances) of an epoch over every worker, from this worker's own."""
+    return all_reduce_sum(torch.tensor([total, count], dtype=torch.float64, device=device), device)
 
 
 def stage_inputs(config: Config, split) -> dict[str, Any]:
     """What every stage's result depends on besides its own section and backbone: the training settings
-    that change the model (not the worker count, storage or recomputation), the fold's utterances, the
-    seed."""
+    that change the model (not the worker count, placement, data loading, storage or recomputation), the
+    fold's utterances, the seed."""
     return {
         "train": config.train.model_dump(
             exclude={
                 "num_workers",
                 "cpus_per_worker",
+                "loader_workers",
+                "pin_memory",
+                "placement_strategy",
                 "max_failures",
                 "storage_path",
                 "gradient_checkpointing",
@@ -247,16 +281,78 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if hasattr(model, "module") else model
 
 
-def train_fn(loop: dict[str, Any]) -> None:
-    """One Ray Train worker: resume from the last checkpoint if any, train, validate (rank 0), report."""
+def data_loader(dataset: Dataset, sampler, batch_size: int, train: TrainConfig, device: torch.device):
+    """Training batches: ``train.loader_workers`` processes read and decode audio ahead of the model
+    (forked anew each epoch, so they see the dataset's epoch, which seeds the crops), pinned for the copy
+    to a GPU. The batches are the same whatever the number of processes."""
+    from torch.utils.data import DataLoader
+
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        collate_fn=collate,
+        num_workers=train.loader_workers,
+        pin_memory=train.pin_memory and device.type == "cuda",
+    )
+
+
+def torch_threads(train: TrainConfig) -> int:
+    """The training process's torch threads: the worker's CPUs less one per loader process."""
+    return max(1, train.cpus_per_worker - train.loader_workers)
+
+
+WORKERS_FOLDER = "workers"
+
+
+def record_placement(folder: Path, rank: int, device: torch.device) -> None:
+    """Where this worker runs, in the stage's Ray Train run folder (shared storage), for rank 0 to
+    gather: the node, host, device and working directory of every rank go into the stage's metadata."""
+    import ray
+
+    place = {
+        "rank": rank,
+        "node_id": ray.get_runtime_context().get_node_id(),
+        "hostname": socket.gethostname(),
+        "device": str(device),
+        "cwd": os.getcwd(),
+    }
+    (folder / WORKERS_FOLDER).mkdir(parents=True, exist_ok=True)
+    atomic_write_text(folder / WORKERS_FOLDER / f"rank{rank}.json", json.dumps(place))
+
+
+def gather_placement(folder: Path, world: int, timeout_s: float = 300.0) -> list[dict[str, Any]]:
+    """Every rank's :func:`record_placement`. Each rank writes its own at start, long before rank 0 gets
+    here, unless the folder is not one storage for all of them."""
+    paths = [folder / WORKERS_FOLDER / f"rank{r}.json" for r in range(world)]
+    deadline = time.monotonic() + timeout_s
+    while not all(p.is_file() for p in paths):
+        if time.monotonic() > deadline:
+            missing = [p.name for p in paths if not p.is_file()]
+            raise RuntimeError(
+                f"{folder / WORKERS_FOLDER}: {missing} never appeared; do all nodes see the same "
+                "train.storage_path (shared storage)?"
+            )
+        time.sleep(0.5)
+    return [json.loads(p.read_text()) for p in paths]
+
+
+def train_fn(loop: dict[str, Any]) -> dict[str, Any] | None:
+    """One Ray Train worker: resume from the last checkpoint if any, train, validate (rank 0), report;
+    then rank 0 writes the kept model and returns the stage's metadata and file checksums."""
     import ray.train
     import ray.train.torch
-    from torch.utils.data import DataLoader, DistributedSampler
+    from torch.utils.data import DistributedSampler
 
     recipe = importlib.import_module(loop["recipe"])
     config = Config.model_validate(loop["config"])
     optim = getattr(config, loop["section"]).optim
-    torch.set_num_threads(config.train.cpus_per_worker)
+    torch.set_num_threads(torch_threads(config.train))
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    run = run_folder(config.train, loop["fingerprint"])
+    record_placement(run, rank, device)
     model = recipe.build_model(config, loop)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=optim.lr)
     start, best, history = 0, {"score": float("-inf"), "epoch": -1, "model": {}}, []
@@ -271,8 +367,6 @@ def train_fn(loop: dict[str, Any]) -> None:
         steps, resumes = state["steps"], [*state["resumes"], start]
     model = ray.train.torch.prepare_model(model)
     dataset = recipe.dataset(config, loop, loop["train"], train=True)
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
     # Our own sampler, even on one worker: its order is a function of (seed, epoch) alone. (The one
     # prepare_data_loader would insert has a fixed seed of its own, and a plain shuffle's generator
     # restarts from its seed when a worker group is restarted.)
@@ -280,15 +374,9 @@ def train_fn(loop: dict[str, Any]) -> None:
         dataset, num_replicas=world, rank=rank, shuffle=True, seed=config.experiment.seed
     )
     loader = ray.train.torch.prepare_data_loader(
-        DataLoader(
-            dataset,
-            batch_size=optim.batch_size // world,  # the configured batch is global
-            sampler=sampler,
-            collate_fn=collate,
-        ),
+        data_loader(dataset, sampler, optim.batch_size // world, config.train, device),  # a global batch
         add_dist_sampler=False,
     )
-    device = ray.train.torch.get_device()
     for epoch in range(start, optim.epochs):
         dataset.epoch = epoch
         sampler.set_epoch(epoch)
@@ -305,13 +393,10 @@ def train_fn(loop: dict[str, Any]) -> None:
             steps += 1
             total, count = total + loss.item() * len(batch["lengths"]), count + len(batch["lengths"])
         seconds = time.perf_counter() - started
-        if world > 1:  # the loss over every worker's share of the epoch (on the device: NCCL has no CPU)
-            sums = torch.tensor([total, count], dtype=torch.float64, device=device)
-            torch.distributed.all_reduce(sums)
-            total, count = sums.tolist()
+        all_total, all_count = epoch_sums(total, count, device).tolist()
         metrics = {
             "epoch": epoch,
-            "train_loss": total / count,
+            "train_loss": all_total / all_count,
             "steps": steps,
             "train_seconds": seconds,
             "train_utterances_per_s": len(dataset) / seconds,
@@ -336,11 +421,24 @@ def train_fn(loop: dict[str, Any]) -> None:
             ray.train.report(
                 metrics, checkpoint=ray.train.Checkpoint.from_directory(folder) if rank == 0 else None
             )
+    if rank != 0:
+        return None
+    kept = unwrap(model)
+    kept.load_state_dict(best["model"])
+    out = Path(loop["out"])
+    save_model(kept, out)
+    meta = {
+        **run_record(best, history, steps, resumes),
+        "workers": gather_placement(run, world),
+        **recipe.finish(kept, loop, config, best),
+    }
+    return {"meta": meta, "files": file_records(out)}
 
 
-def fit(recipe: str, section: str, loop: dict[str, Any], train: TrainConfig, name: str) -> dict[str, Any]:
-    """Run ``recipe`` on ``train.num_workers`` workers under the run name ``name``; returns the final
-    checkpoint's state (best model, history)."""
+def fit(recipe: str, section: str, loop: dict[str, Any], train: TrainConfig, name: str) -> Contents:
+    """Run ``recipe`` on ``train.num_workers`` workers under the run name ``name``; rank 0 writes the kept
+    model into ``loop["out"]``. Returns the stage's metadata (best epoch, history, where each worker ran,
+    what ``finish`` added) and the checksums of the files it wrote."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -354,6 +452,7 @@ def fit(recipe: str, section: str, loop: dict[str, Any], train: TrainConfig, nam
             num_workers=train.num_workers,
             use_gpu=train.use_gpu,
             resources_per_worker={"CPU": train.cpus_per_worker, **({"GPU": 1} if train.use_gpu else {})},
+            placement_strategy=train.placement_strategy,
         ),
         run_config=RunConfig(
             name=name,
@@ -362,6 +461,5 @@ def fit(recipe: str, section: str, loop: dict[str, Any], train: TrainConfig, nam
             checkpoint_config=CheckpointConfig(num_to_keep=train.checkpoints_to_keep),
         ),
     )
-    result = trainer.fit()
-    with result.checkpoint.as_directory() as folder:
-        return load_state(folder, name)
+    done = trainer.fit().return_value
+    return Contents(done["meta"], done["files"])

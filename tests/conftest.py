@@ -114,13 +114,15 @@ DDP_TRAINING = [
     "train.val_fraction=0.25",
     "train.num_workers=2",
     "train.cpus_per_worker=1",
+    "train.loader_workers=1",
     "train.precision=bf16",
     "train.gradient_checkpointing=true",
     "stage1.optim={lr: 3.0e-3, batch_size: 4, epochs: 3}",
     "stage1.lstm_hidden=16",
     "stage1.proj_dim=16",
 ]
-"""Stage 1 on 2 gloo DDP workers with bf16 autocast and gradient checkpointing."""
+"""Stage 1 on 2 gloo DDP workers with bf16 autocast, gradient checkpointing and a DataLoader process each
+(forked inside the Ray Train worker)."""
 
 
 @pytest.fixture(scope="session")

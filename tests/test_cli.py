@@ -12,7 +12,7 @@ import pytest
 from conftest import TINY_TRAINING, small_config
 from transformers import HubertModel
 
-from gmpatl_ray.config import dump_config, load_config
+from gmpatl_ray.config import dump_config, load_config, with_absolute_paths
 
 REPO = Path(__file__).parent.parent
 GMPATL = Path(sys.executable).parent / "gmpatl"
@@ -49,12 +49,16 @@ def test_prepare_demo_through_the_real_parser(tmp_path):
     assert again.returncode == 0 and again.stdout == result.stdout
 
 
-def test_config_command_prints_a_loadable_resolved_config(tmp_path):
+def test_config_command_prints_a_loadable_resolved_config(tmp_path, monkeypatch):
+    """The config as every command runs it: defaults filled in, paths absolute (against the directory the
+    command ran in)."""
     result = run(str(GMPATL), "config", "--config", "configs/demo.yaml", "--set", "stage3.margin=0.35")
     assert result.returncode == 0, result.stderr
     (tmp_path / "resolved.yaml").write_text(result.stdout)
     resolved = load_config(tmp_path / "resolved.yaml")
-    assert resolved == load_config(REPO / "configs/demo.yaml", ["stage3.margin=0.35"])
+    monkeypatch.chdir(REPO)
+    assert resolved == with_absolute_paths(load_config(REPO / "configs/demo.yaml", ["stage3.margin=0.35"]))
+    assert resolved.data.manifest == str(REPO / "outputs" / "demo" / "manifest.csv")
 
 
 def test_bad_config_exits_2_naming_the_field():

@@ -1,14 +1,29 @@
-"""cluster.yaml is a valid Ray cluster-launcher config under Ray's own schema, and keeps ports private."""
+"""cluster.yaml, the node image and the GPU lock: a valid Ray cluster-launcher config under Ray's own
+schema that mounts the shared storage on every node and into the container, boots nodes from the image the
+Dockerfile builds (on an AMI whose driver runs CUDA 13), ships no environments or outputs, keeps ports
+private; the Dockerfile installs constraints-gpu.txt, which resolves as it is and shares every version
+with the CPU lock the suite runs on."""
 
 import copy
+import re
+import subprocess
+import sys
+import tomllib
 from pathlib import Path
 
 import jsonschema
 import pytest
 import yaml
+from packaging.requirements import Requirement
 from ray.autoscaler._private.util import prepare_config, validate_config
 
-CLUSTER_YAML = Path(__file__).parent.parent / "cluster.yaml"
+from gmpatl_ray.config import load_config
+
+REPO = Path(__file__).parent.parent
+CLUSTER_YAML = REPO / "cluster.yaml"
+SHARED = "/mnt/shared"
+sys.path.insert(0, str(REPO / "tools"))
+import gpu_lock  # noqa: E402
 
 
 @pytest.fixture
@@ -26,10 +41,67 @@ def test_the_schema_check_catches_a_bad_key(cluster):
         validate_config(prepare_config(cluster))
 
 
-def test_image_matches_the_pinned_ray_and_python(cluster):
-    assert cluster["docker"]["image"] == "rayproject/ray:2.60.0-py311-gpu"
-
-
 def test_dashboard_and_job_api_stay_on_loopback(cluster):
     head_start = " ".join(cluster["head_start_ray_commands"])
     assert "--dashboard-host=127.0.0.1" in head_start and "0.0.0.0" not in CLUSTER_YAML.read_text()
+
+
+def test_every_node_mounts_the_shared_storage_and_the_container_sees_it(cluster):
+    """Ray's docker runner binds only file_mounts paths into the container: the EFS mount needs its own
+    ``-v``, and it must be where configs/cluster.yaml puts every path."""
+    mount = " ".join(cluster["initialization_commands"])  # on the host, before the container starts
+    assert re.search(rf"mount -t nfs4 .*:/ {SHARED}\b", mount)
+    assert f"-v {SHARED}:{SHARED}" in cluster["docker"]["run_options"]
+    assert load_config(REPO / "configs" / "cluster.yaml").experiment.output_dir.startswith(f"{SHARED}/")
+    assert any(SHARED in command for command in cluster["setup_commands"])  # checked in the container
+
+
+def test_the_mount_refuses_to_run_until_the_file_system_is_set(cluster):
+    """The placeholder stops node setup with a message, before any sudo or mount."""
+    result = subprocess.run(
+        ["bash", "-c", cluster["initialization_commands"][0]], capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 1 and "set EFS to your EFS file system's DNS name" in result.stderr
+
+
+def test_nodes_boot_the_baked_image_on_an_ami_with_a_cuda_13_driver(cluster):
+    dockerfile = (REPO / "Dockerfile").read_text()
+    assert re.search(r"^FROM rayproject/ray:2\.60\.0-py311-gpu$", dockerfile, re.M)
+    assert "pip install --no-cache-dir -r /tmp/gmpatl/constraints-gpu.txt" in dockerfile
+    assert cluster["docker"]["image"].endswith("/gmpatl-ray:0.1.0-gpu")
+    installs = [c for c in cluster["setup_commands"] if "pip install" in c]  # fetch nothing at boot
+    assert installs and all("--no-deps" in c and "--no-build-isolation" in c for c in installs)
+    for node in cluster["available_node_types"].values():
+        image = node["node_config"]["ImageId"]
+        assert image.startswith("resolve:ssm:/aws/service/deeplearning/ami/x86_64/base-oss-nvidia-driver")
+    assert "torch.cuda.is_available()" in " ".join(cluster["worker_setup_commands"])
+
+
+def test_environments_outputs_and_history_are_not_synced_to_the_nodes(cluster):
+    excluded = set(cluster["rsync_exclude"])
+    assert {".venv", "outputs", "**/.git"} <= excluded
+    dockerignore = (REPO / ".dockerignore").read_text().splitlines()
+    assert dockerignore[1] == "*"  # the image context holds what the Dockerfile copies, no more
+
+
+def test_the_gpu_lock_shares_every_version_with_the_cpu_lock_and_satisfies_the_project():
+    gpu, cpu = gpu_lock.read_lock(gpu_lock.GPU_LOCK), gpu_lock.read_lock(gpu_lock.CPU_LOCK)
+    differ = {name: (cpu[name], gpu[name]) for name in cpu.keys() & gpu.keys() if cpu[name] != gpu[name]}
+    assert differ == {}
+    assert gpu["torch"] == "2.14.1" and gpu["ray"] == "2.60.0" and gpu["cuml-cu13"].startswith("26.")
+    meta = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    project = [Requirement(r) for r in [*meta["dependencies"], *meta["optional-dependencies"]["gpu"]]]
+    for requirement in project:
+        name = gpu_lock.normalise(requirement.name)
+        assert name in gpu and requirement.specifier.contains(gpu[name]), (str(requirement), gpu.get(name))
+
+
+@pytest.mark.slow
+def test_the_images_install_line_resolves_to_exactly_the_gpu_lock():
+    """pip's resolver (a dry run: metadata only) on ``pip install -r constraints-gpu.txt``, the
+    Dockerfile's line: every dependency of every package is met by the lock, nothing else comes in."""
+    result = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "gpu_lock.py")], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "pins resolve as they are" in result.stdout

@@ -5,8 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
-from gmpatl_ray.config import Config, ConfigError, dump_config, load_config
+from gmpatl_ray.cli import main
+from gmpatl_ray.config import PATH_FIELDS, Config, ConfigError, dump_config, load_config, with_absolute_paths
+from gmpatl_ray.runtime import JOB_CONFIG_ENV, RELATIVE_IN_A_JOB
 
 CONFIGS = Path(__file__).parent.parent / "configs"
 
@@ -155,3 +158,74 @@ def test_extends_merges_sections_field_by_field(tmp_path):
     loop.write_text("extends: loop.yaml\n")
     with pytest.raises(ConfigError, match="extends: loop.yaml extends itself"):
         load_config(loop)
+
+
+def test_everything_a_run_writes_defaults_to_under_the_output_dir():
+    demo = load_config(CONFIGS / "demo.yaml", ["experiment.output_dir=/shared/x"])
+    assert demo.data.manifest == "/shared/x/manifest.csv" and demo.data.root == "/shared/x/IEMOCAP_demo"
+    iemocap = load_config(CONFIGS / "iemocap.yaml", ["experiment.output_dir=/shared/y"])
+    assert iemocap.data.manifest == "/shared/y/manifest.csv"
+    assert iemocap.data.root == "/data/IEMOCAP_full_release"  # a corpus is read, not written: no default
+
+
+def test_extends_takes_a_list_merged_in_order(tmp_path):
+    (tmp_path / "a.yaml").write_text("stage3: {margin: 0.3, scale: 16}\nexperiment: {name: a}\n")
+    (tmp_path / "b.yaml").write_text("stage3: {margin: 0.4}\n")
+    (tmp_path / "both.yaml").write_text("extends: [a.yaml, b.yaml]\nstage1: {alpha_e: 0.7}\n")
+    both = load_config(tmp_path / "both.yaml")
+    assert (both.stage3.margin, both.stage3.scale, both.experiment.name) == (0.4, 16.0, "a")
+    assert both.stage1.alpha_e == 0.7
+    (tmp_path / "bad.yaml").write_text("extends: [a.yaml, 3]\n")
+    with pytest.raises(ConfigError, match="bad.yaml: extends: expected the path of another config or a list"):
+        load_config(tmp_path / "bad.yaml")
+
+
+CLUSTER_CONFIGS = ["cluster.yaml", "cluster-table3.yaml", "cluster-table4.yaml"]
+
+
+@pytest.mark.parametrize("name", CLUSTER_CONFIGS)
+def test_cluster_configs_put_every_path_on_shared_storage_and_state_every_device(name):
+    """On the cluster nothing may land on one node's disk, and no device may be left to the cluster of
+    the moment (``auto`` with GPU nodes scaled to zero would pick the CPU)."""
+    config = load_config(CONFIGS / name)
+    raw = config.model_dump()
+    for key in PATH_FIELDS:
+        section, field = key.split(".")
+        value = (raw.get(section) or {}).get(field)
+        assert value is None or value.startswith("/mnt/shared/"), (key, value)
+    assert config.backbone.pretrained.startswith("/mnt/shared/")
+    assert (config.extract.device, config.gmp.backend, config.train.use_gpu) == ("cuda", "cuml", True)
+    assert config.train.loader_workers > 0 and config.train.pin_memory
+    assert config.tracking.uri == "http://127.0.0.1:5000"
+    assert config.stage1 == load_config(CONFIGS / "iemocap.yaml").stage1  # the paper's method
+
+
+@pytest.mark.parametrize("table", ["3", "4"])
+def test_the_tables_on_the_cluster_are_the_tables_with_the_cluster_settings(table):
+    on_cluster = load_config(CONFIGS / f"cluster-table{table}.yaml")
+    local = load_config(CONFIGS / f"table{table}.yaml")
+    assert on_cluster.experiment.name == local.experiment.name == f"gmpatl-table{table}"
+    assert on_cluster.sweep.space == local.sweep.space
+    launcher = yaml.safe_load((CONFIGS.parent / "cluster.yaml").read_text())
+    gpus = launcher["available_node_types"]["gpu_worker"]["max_workers"]
+    assert on_cluster.sweep.max_concurrent_trials == gpus  # a trial per GPU node, not 2 of 4 used
+
+
+def test_paths_are_made_absolute_and_refused_relative_in_a_submitted_job(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    absolute = with_absolute_paths(load_config(CONFIGS / "demo.yaml")).model_dump()
+    for key in PATH_FIELDS:
+        section, field = key.split(".")
+        value = (absolute.get(section) or {}).get(field)
+        assert value is None or value.startswith(f"{tmp_path}/"), (key, value)
+    with pytest.raises(ConfigError) as refused:
+        with_absolute_paths(load_config(CONFIGS / "demo.yaml"), RELATIVE_IN_A_JOB)
+    assert "experiment.output_dir: 'outputs/demo' is relative" in str(refused.value)
+    assert "data.manifest: 'outputs/demo/manifest.csv' is relative" in str(refused.value)
+
+    monkeypatch.setenv(JOB_CONFIG_ENV, "{}")  # what Ray's job supervisor sets for a job's driver
+    assert main(["config", "--config", str(CONFIGS / "demo.yaml")]) == 2
+    assert "relative paths in a submitted Ray job" in capsys.readouterr().err
+    shared = ["experiment.output_dir=/mnt/shared/gmpatl"]
+    assert main(["config", "--config", str(CONFIGS / "demo.yaml"), "--set", *shared]) == 0
+    assert "manifest: /mnt/shared/gmpatl/manifest.csv" in capsys.readouterr().out

@@ -10,9 +10,10 @@ import pytest
 
 from gmpatl_ray.artifacts import Artifact, ArtifactCache
 from gmpatl_ray.clustering import assign, fit_kmeans, gpu_available
+from gmpatl_ray.devices import resolve_devices
 from gmpatl_ray.errors import InputError
-from gmpatl_ray.features import FeatureStore
-from gmpatl_ray.gmp import build_gmps, build_gmps_on_cluster
+from gmpatl_ray.features import FeatureStore, extraction_plan
+from gmpatl_ray.gmp import build_gmps, build_gmps_on_cluster, submit_gmps
 from gmpatl_ray.gmp_report import label_quality, purity
 
 
@@ -158,3 +159,38 @@ def test_opening_something_that_is_not_a_gmp_store(tmp_path):
     (tmp_path / "gmp" / "abc").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match="not a complete GMP store"):
         GMPStore.open(tmp_path / "gmp" / "abc")
+
+
+def test_a_cuml_fit_waits_for_a_gpu_instead_of_falling_back_to_the_cpu(features, tmp_path):
+    """On a cluster with no GPU now (an autoscaling one whose GPU nodes are at zero), a stated ``cuml``
+    backend is a task that waits for a GPU; nothing is fitted on the CPU meanwhile. The same fit with
+    ``faiss`` takes a second or two here."""
+    import ray
+
+    config, _, store = features
+    cuml = config.gmp.model_copy(update={"backend": "cuml"})
+    pending = submit_gmps(store, -2, cuml, 0, None, ArtifactCache(tmp_path / "cuml"))
+    try:
+        assert ray.wait([pending], timeout=8)[0] == []
+        assert not list(tmp_path.glob("cuml/gmp/*/_COMPLETE.json"))
+    finally:
+        ray.cancel(pending, force=True)
+    on_cpu = submit_gmps(store, -2, config.gmp, 0, None, ArtifactCache(tmp_path / "faiss"))
+    assert ray.wait([on_cpu], timeout=60)[0] == [on_cpu]
+    assert ray.get(on_cpu)[0].meta["backend"] == "faiss"
+
+
+def test_auto_devices_are_resolved_once_from_the_cluster_and_stated_ones_kept(features, capsys):
+    config, _, _ = features
+    resolved = resolve_devices(config)
+    assert (resolved.extract.device, resolved.gmp.backend) == ("cpu", "faiss")  # this cluster has no GPU
+    assert "extract.device=cpu, gmp.backend=faiss (auto, resolved once" in capsys.readouterr().out
+    stated = config.model_copy(
+        update={
+            "extract": config.extract.model_copy(update={"device": "cuda"}),
+            "gmp": config.gmp.model_copy(update={"backend": "cuml"}),
+        }
+    )
+    assert resolve_devices(stated) == stated and capsys.readouterr().out == ""
+    unsized = stated.extract.model_copy(update={"actors": None})
+    assert extraction_plan(unsized) == ("cuda", 1)  # no GPU now: one GPU actor, waiting for a GPU node

@@ -100,6 +100,10 @@ def test_four_trials_share_stages_1_and_2_per_fold(small_corpus, shared):
     experiment = client.get_experiment_by_name("sweep-test").experiment_id
     trials = client.search_runs([experiment], "tags.`gmpatl.sweep` = 'margin-scale'")
     assert len(trials) == 4
+    # ``auto`` was resolved once, by the sweep, for every trial (the config said auto)
+    assert config.extract.device == "auto" and config.gmp.backend == "auto"
+    devices = {(t.data.params["extract.device"], t.data.params["gmp.backend"]) for t in trials}
+    assert devices == {("cpu", "faiss")}
     for trial in trials:
         folds = client.search_runs(
             [experiment], f"tags.`mlflow.parentRunId` = '{trial.info.run_id}' and tags.`gmpatl.kind` = 'fold'"

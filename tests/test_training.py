@@ -4,6 +4,8 @@ audio as ``data`` says."""
 
 from __future__ import annotations
 
+import inspect
+import re
 import socket
 from pathlib import Path
 
@@ -20,14 +22,21 @@ from gmpatl_ray.models.backbone import frame_counts, load_backbone
 from gmpatl_ray.models.masking import span_mask
 from gmpatl_ray.stages import stage1, stage2, stage3
 from gmpatl_ray.training import (
+    CollectiveDeviceError,
+    all_reduce_sum,
+    data_loader,
     emotion_dataset,
     emotion_rows,
+    epoch_sums,
+    global_mean,
     load_model,
     load_state,
     run_name,
     save_model,
     saved_weights,
 )
+
+PACKAGE = Path(__file__).parent.parent / "gmpatl_ray"
 
 
 def last_checkpoint(storage: Path, kind: str, key: str) -> dict:
@@ -190,3 +199,66 @@ def test_a_saved_model_loads_back_exactly(tmp_path):
     again = load_model(stage1.build_model(config), tmp_path / "model")
     before, after = model.state_dict(), again.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+META = torch.device("meta")
+"""A model device that is not the CPU, as a GPU worker's is: on a CPU-only machine the only way to see
+that a collective's tensor follows the model and not the CPU default."""
+
+
+def test_a_collective_refuses_a_tensor_that_is_not_on_the_models_device():
+    with pytest.raises(CollectiveDeviceError, match="a collective's tensor is on cpu, the model on meta"):
+        all_reduce_sum(torch.zeros(2), META)
+    assert all_reduce_sum(torch.zeros(2, device=META), META).device == META
+    assert all_reduce_sum(torch.ones(2), torch.device("cpu")).tolist() == [1.0, 1.0]
+
+
+def test_the_training_loops_collectives_follow_the_models_device():
+    """The epoch's loss sums and stage 2's frame counts are reduced on the device of the model: with the
+    tensors made on the CPU (as before the fix) these raise, as NCCL would on GPU workers."""
+    assert epoch_sums(3.0, 2, META).device == META
+    loss_on_the_device = torch.ones((), device=META)
+    assert global_mean(loss_on_the_device, torch.tensor(5)).device == META  # frame counts come as CPU ints
+    assert global_mean(torch.tensor(6.0), torch.tensor(4)).item() == 1.5
+
+
+def test_every_collective_of_the_package_goes_through_the_device_check():
+    """A collective called anywhere but :func:`all_reduce_sum` would skip the check."""
+    collective = re.compile(
+        r"(?:dist|distributed)\.(all_reduce|all_gather\w*|broadcast\w*|reduce_scatter\w*|all_to_all\w*|"
+        r"barrier|gather\w*|scatter\w*|reduce)\("
+    )
+    calls = {
+        f"{path.relative_to(PACKAGE.parent)}:{n}"
+        for path in PACKAGE.rglob("*.py")
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if collective.search(line)
+    }
+    source = inspect.getsource(all_reduce_sum)
+    assert len(calls) == 1 and "dist.all_reduce(tensor)" in source, calls
+
+
+def test_loader_processes_give_the_same_batches_as_the_training_process(small_corpus):
+    """``train.loader_workers`` only moves the reading: the same crops, in the same order, every epoch."""
+    folder, manifest = small_corpus
+    config = small_config(folder, "train.max_duration_s=0.5")
+    rows = emotion_rows(manifest.head(10), config.data.emotions)
+
+    def epochs(workers: int) -> list[list[dict]]:
+        train = config.train.model_copy(update={"loader_workers": workers})
+        dataset = emotion_dataset(config, {}, rows, train=True)
+        sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=1, rank=0, seed=3)
+        loader = data_loader(dataset, sampler, 4, train, torch.device("cpu"))
+        seen = []
+        for epoch in (0, 1):
+            dataset.epoch = epoch
+            sampler.set_epoch(epoch)
+            seen.append(list(loader))
+        return seen
+
+    inline, forked = epochs(0), epochs(2)
+    assert [len(e) for e in forked] == [3, 3]
+    for a_epoch, b_epoch in zip(inline, forked, strict=True):
+        for a, b in zip(a_epoch, b_epoch, strict=True):
+            assert torch.equal(a["waves"], b["waves"]) and torch.equal(a["emotion"], b["emotion"])
+    assert not torch.equal(inline[0][0]["waves"], inline[1][0]["waves"])  # crops and order change by epoch

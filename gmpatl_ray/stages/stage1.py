@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..artifacts import Artifact, ArtifactCache, fingerprint
+from ..artifacts import Artifact, ArtifactCache, Contents, fingerprint
 from ..config import Config, Stage1Config
 from ..cv import FoldSplit
 from ..evaluation import EvalLimits, emotion_scores
@@ -30,8 +30,6 @@ from ..training import (
     fit,
     prepare_backbone,
     run_name,
-    run_record,
-    save_model,
     stage_artifact,
     stage_inputs,
 )
@@ -86,6 +84,10 @@ def evaluate(model: nn.Module, loop: dict[str, Any], config: Config) -> dict[str
     return {"score": scores["uar"], "uar": scores["uar"], "war": scores["war"]}
 
 
+def finish(model: nn.Module, loop: dict[str, Any], config: Config, best: dict[str, Any]) -> dict[str, Any]:
+    return {"best_val_uar": best["score"]}
+
+
 def run_stage1(config: Config, split: FoldSplit, cache: ArtifactCache) -> tuple[Artifact, bool]:
     """The fold's stage-1 model (trained, or reused when the same inputs trained it before)."""
     emotions = config.data.emotions
@@ -96,20 +98,14 @@ def run_stage1(config: Config, split: FoldSplit, cache: ArtifactCache) -> tuple[
     }
     key = fingerprint(inputs)
 
-    def build(folder: Path) -> dict[str, Any]:
+    def build(folder: Path) -> Contents:
         loop = {
             "config": config.model_dump(mode="json"),
             "train": emotion_rows(split.train, emotions),
             "val": emotion_rows(split.val, emotions),
+            "out": str(folder),
         }
-        state = fit(__name__, "stage1", loop, config.train, name=run_name(KIND, key))
-        model = build_model(config)
-        model.load_state_dict(state["best"]["model"])
-        save_model(model, folder)
-        return {
-            "inputs": inputs,
-            **run_record(state),
-            "best_val_uar": state["best"]["score"],
-        }
+        done = fit(__name__, "stage1", loop, config.train, name=run_name(KIND, key))
+        return Contents({"inputs": inputs, **done.meta}, done.files)
 
     return stage_artifact(cache, KIND, key, config.train, build)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig
 
-from ..artifacts import Artifact, ArtifactCache, fingerprint
+from ..artifacts import Artifact, ArtifactCache, Contents, fingerprint
 from ..config import BackboneConfig, Config, DataConfig
 from ..cv import FoldSplit
 from ..data.audio import load_audio
@@ -39,8 +39,6 @@ from ..training import (
     global_mean,
     prepare_backbone,
     run_name,
-    run_record,
-    save_model,
     stage_artifact,
     stage_inputs,
     training_crop,
@@ -198,6 +196,10 @@ def evaluate(model: nn.Module, loop: dict[str, Any], config: Config) -> dict[str
     return {"score": -value, "loss": value}
 
 
+def finish(model: nn.Module, loop: dict[str, Any], config: Config, best: dict[str, Any]) -> dict[str, Any]:
+    return {}  # the validation loss of the kept epoch is in the history
+
+
 def frame_rows(split: pd.DataFrame) -> list[dict[str, Any]]:
     """Manifest rows as stage 2 trains on them: its GMP labels are found by ``utt_id``."""
     return [
@@ -219,18 +221,16 @@ def run_stage2(
     }
     key = fingerprint(inputs)
 
-    def build(folder: Path) -> dict[str, Any]:
+    def build(folder: Path) -> Contents:
         loop = {
             "config": config.model_dump(mode="json"),
             "backbone_dir": str(stage1_dir),
             "gmp_dir": str(gmps.path),
             "train": frame_rows(train),
             "val": frame_rows(split.val),
+            "out": str(folder),
         }
-        state = fit(__name__, "stage2", loop, config.train, name=run_name(KIND, key))
-        model = build_model(config, loop)
-        model.load_state_dict(state["best"]["model"])
-        save_model(model, folder)
-        return {"inputs": inputs, **run_record(state)}
+        done = fit(__name__, "stage2", loop, config.train, name=run_name(KIND, key))
+        return Contents({"inputs": inputs, **done.meta}, done.files)
 
     return stage_artifact(cache, KIND, key, config.train, build)

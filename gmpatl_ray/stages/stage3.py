@@ -2,7 +2,8 @@
 
 HuBERT (last layer) -> BiLSTM -> masked mean pooling -> LinearP -> AM-Softmax (s, m), or a plain linear
 classifier with cross-entropy (``stage3.loss: ce``, the paper's Table 3 ablation). The best epoch by
-validation UAR is kept and scored once on the fold's test utterances.
+validation UAR is kept and scored once on the fold's test utterances, inside the Ray Train run (rank 0, on
+its device).
 
 Readable top to bottom: the model, the recipe the shared training loop calls, the driver.
 """
@@ -16,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..artifacts import Artifact, ArtifactCache, fingerprint
+from ..artifacts import Artifact, ArtifactCache, Contents, fingerprint
 from ..config import BackboneConfig, Config
 from ..cv import FoldSplit
 from ..evaluation import EvalLimits, emotion_scores
@@ -31,8 +32,6 @@ from ..training import (
     fit,
     prepare_backbone,
     run_name,
-    run_record,
-    save_model,
     stage_artifact,
     stage_inputs,
 )
@@ -94,6 +93,23 @@ def evaluate(model: nn.Module, loop: dict[str, Any], config: Config) -> dict[str
     return {"score": scores["uar"], "uar": scores["uar"], "war": scores["war"]}
 
 
+def finish(model: nn.Module, loop: dict[str, Any], config: Config, best: dict[str, Any]) -> dict[str, Any]:
+    """The kept model scored once on the fold's test utterances, on this worker's device."""
+    emotions = config.data.emotions
+    test = emotion_scores(model, model.heads, loop["test"], EvalLimits.of(config))
+    truth = [emotions[i] for i in test["truth"]]
+    predicted = [emotions[i] for i in test["predicted"]]
+    return {
+        "best_val_uar": best["score"],
+        "test": {
+            "war": test["war"],
+            "uar": test["uar"],
+            "confusion": confusion(truth, predicted, emotions).tolist(),
+            "utterances": len(truth),
+        },
+    }
+
+
 def run_stage3(
     config: Config, split: FoldSplit, backbone_dir: Path, cache: ArtifactCache
 ) -> tuple[Artifact, bool]:
@@ -108,30 +124,16 @@ def run_stage3(
     }
     key = fingerprint(inputs)
 
-    def build(folder: Path) -> dict[str, Any]:
+    def build(folder: Path) -> Contents:
         loop = {
             "config": config.model_dump(mode="json"),
             "backbone_dir": str(backbone_dir),
             "train": emotion_rows(split.train, emotions),
             "val": emotion_rows(split.val, emotions),
+            "test": emotion_rows(split.test, emotions),
+            "out": str(folder),
         }
-        state = fit(__name__, "stage3", loop, config.train, name=run_name(KIND, key))
-        model = build_model(config, loop)
-        model.load_state_dict(state["best"]["model"])
-        test = emotion_scores(model, model.heads, emotion_rows(split.test, emotions), EvalLimits.of(config))
-        truth = [emotions[i] for i in test["truth"]]
-        predicted = [emotions[i] for i in test["predicted"]]
-        save_model(model, folder)
-        return {
-            "inputs": inputs,
-            **run_record(state),
-            "best_val_uar": state["best"]["score"],
-            "test": {
-                "war": test["war"],
-                "uar": test["uar"],
-                "confusion": confusion(truth, predicted, emotions).tolist(),
-                "utterances": len(truth),
-            },
-        }
+        done = fit(__name__, "stage3", loop, config.train, name=run_name(KIND, key))
+        return Contents({"inputs": inputs, **done.meta}, done.files)
 
     return stage_artifact(cache, KIND, key, config.train, build)

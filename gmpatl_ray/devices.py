@@ -1,0 +1,55 @@
+"""Which devices extraction and k-means use, decided once per command from the config.
+
+``extract.device`` and ``gmp.backend`` may say ``auto``; it is resolved here, once, when a command starts,
+from the connected cluster, printed, and the resolved config is what every fold, trial and task gets. So
+two trials of one sweep can never disagree (the backend is part of the GMPs' fingerprint, so they would
+stop sharing GMPs and stage 2), and nothing changes device mid-run because GPU nodes scaled down. On an
+autoscaling cluster whose GPU nodes may be at zero, say ``cuda`` and ``cuml`` (``configs/cluster.yaml``):
+a GPU request waits for the autoscaler, it never falls back to the CPU.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+from .config import Config
+
+
+def cluster_gpus() -> float:
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0)
+
+
+def extract_device(value: str) -> str:
+    """``extract.device``, ``auto`` meaning ``cuda`` when the cluster has a GPU now."""
+    if value != "auto":
+        return value
+    return "cuda" if cluster_gpus() >= 1 else "cpu"
+
+
+def kmeans_backend(value: str) -> str:
+    """``gmp.backend``, ``auto`` meaning ``cuml`` when the cluster has a GPU now and cuML is installed."""
+    if value != "auto":
+        return value
+    return "cuml" if cluster_gpus() >= 1 and importlib.util.find_spec("cuml") is not None else "faiss"
+
+
+def resolve_devices(config: Config, announce: bool = True) -> Config:
+    """``config`` with ``extract.device`` and ``gmp.backend`` ``auto`` replaced by what the connected
+    cluster has now (printed); explicit values are kept as they are."""
+    if "auto" not in (config.extract.device, config.gmp.backend):
+        return config
+    extract, gmp = extract_device(config.extract.device), kmeans_backend(config.gmp.backend)
+    if announce:
+        print(
+            f"devices: extract.device={extract}, gmp.backend={gmp} (auto, resolved once from the cluster's "
+            f"{cluster_gpus():g} GPUs now; state them in the config to wait for GPU nodes instead)",
+            flush=True,
+        )
+    return config.model_copy(
+        update={
+            "extract": config.extract.model_copy(update={"device": extract}),
+            "gmp": config.gmp.model_copy(update={"backend": gmp}),
+        }
+    )
