@@ -187,9 +187,11 @@ class TrainConfig(_Section):
     cpus_per_worker: PositiveInt = 1
     """Logical CPUs reserved per worker: its data loader processes take one each, torch's threads the rest
     (at least one; Ray starts workers with one)."""
-    loader_workers: Annotated[int, Field(ge=0)] = 2
+    loader_workers: Annotated[int, Field(ge=0)] | None = None
     """DataLoader processes per worker that read and decode the next batches' audio while the model trains
-    (from shared storage, file by file); 0 reads in the training process. Batches are the same either way."""
+    (from shared storage, file by file); 0 reads in the training process. Batches are the same either way.
+    None: on a GPU worker all its CPUs but one (at least one process), on a CPU worker 0 (the training
+    process needs the CPUs itself)."""
     pin_memory: bool = True
     """Page-locked batches, copied to the GPU without blocking (GPU workers only)."""
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
@@ -232,6 +234,12 @@ class TrainConfig(_Section):
     """How often Ray Train's controller checks its workers (``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``, Ray's
     default 2 s). Each stage waits for several checks between start-up phases, so short stages (the demo,
     tests) run seconds faster with a fraction of a second; long ones do not notice."""
+
+    def data_loaders(self) -> int:
+        """``loader_workers``, or what None stands for."""
+        if self.loader_workers is not None:
+            return self.loader_workers
+        return max(1, self.cpus_per_worker - 1) if self.use_gpu else 0
 
     @model_validator(mode="after")
     def _chunks_fit_a_batch(self) -> TrainConfig:

@@ -17,6 +17,7 @@ from typing import Any
 import pandas as pd
 
 from .artifacts import ArtifactCache
+from .atomic import atomic_write_text
 from .config import Config, SweepConfig, config_from_dict, set_field, with_absolute_paths
 from .devices import resolve_devices
 from .pipeline import run_cv
@@ -27,6 +28,8 @@ OBJECTIVE = "mean_val_uar"
 HEAD_RESOURCE = "node:__internal_head__"
 """Ray's built-in resource of the head node."""
 SWEEP_TAG = "gmpatl.sweep"
+DEVICES_FILE = "gmpatl-devices.json"
+"""In the sweep's Tune folder: the devices ``auto`` was resolved to when the sweep started."""
 
 
 def param_space(sweep: SweepConfig) -> dict[str, Any]:
@@ -87,6 +90,29 @@ def trial(params: dict[str, Any], base: dict[str, Any], manifest: pd.DataFrame, 
     )
 
 
+def sweep_devices(config: Config, folder: Path, resume: bool) -> Config:
+    """``config`` with ``auto`` devices resolved once per sweep: when it starts, from the cluster (and kept
+    in ``folder``); on ``resume``, as they were then, so the trials Tune continues get what the first ones
+    got though GPU nodes came or went meanwhile (the backend is part of the GMPs' fingerprint)."""
+    saved = folder / DEVICES_FILE
+    if not (resume and saved.is_file()):
+        resolved = resolve_devices(config)
+        folder.mkdir(parents=True, exist_ok=True)
+        chosen = {"device": resolved.extract.device, "backend": resolved.gmp.backend}
+        atomic_write_text(saved, json.dumps(chosen))
+        return resolved
+    chosen = json.loads(saved.read_text())
+    extract = chosen["device"] if config.extract.device == "auto" else config.extract.device
+    backend = chosen["backend"] if config.gmp.backend == "auto" else config.gmp.backend
+    print(f"devices: extract.device={extract}, gmp.backend={backend} (as when the sweep started)", flush=True)
+    return config.model_copy(
+        update={
+            "extract": config.extract.model_copy(update={"device": extract}),
+            "gmp": config.gmp.model_copy(update={"backend": backend}),
+        }
+    )
+
+
 def run_sweep(config: Config, manifest: pd.DataFrame, folds: list, resume: bool = False) -> pd.DataFrame:
     """Run (or, with ``resume``, continue) the sweep; returns one row per trial with its values, the
     objective and the test means."""
@@ -94,7 +120,10 @@ def run_sweep(config: Config, manifest: pd.DataFrame, folds: list, resume: bool 
 
     # Paths and devices fixed here, once: every trial gets the same (trials run in folders of their own,
     # and an ``auto`` device decided per trial could differ between trials as GPU nodes come and go).
-    config = resolve_devices(with_absolute_paths(config))
+    config = with_absolute_paths(config)
+    storage = Path(config.sweep.storage_path).resolve()
+    path = storage / config.experiment.name
+    config = sweep_devices(config, path, resume)
     sweep = config.sweep
     base = config.model_dump(mode="json")
     # Create the MLflow experiment here, once, rather than racing to create it from concurrent trials.
@@ -105,8 +134,6 @@ def run_sweep(config: Config, manifest: pd.DataFrame, folds: list, resume: bool 
         tune.with_parameters(trial, base=base, manifest=manifest, folds=folds),
         {"CPU": sweep.cpus_per_trial, HEAD_RESOURCE: 0.001},
     )
-    storage = Path(sweep.storage_path).resolve()
-    path = storage / config.experiment.name
     if resume and tune.Tuner.can_restore(str(path)):
         tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_errored=True)
     else:

@@ -292,14 +292,14 @@ def data_loader(dataset: Dataset, sampler, batch_size: int, train: TrainConfig, 
         batch_size=batch_size,
         sampler=sampler,
         collate_fn=collate,
-        num_workers=train.loader_workers,
+        num_workers=train.data_loaders(),
         pin_memory=train.pin_memory and device.type == "cuda",
     )
 
 
 def torch_threads(train: TrainConfig) -> int:
     """The training process's torch threads: the worker's CPUs less one per loader process."""
-    return max(1, train.cpus_per_worker - train.loader_workers)
+    return max(1, train.cpus_per_worker - train.data_loaders())
 
 
 WORKERS_FOLDER = "workers"
@@ -351,7 +351,12 @@ def train_fn(loop: dict[str, Any]) -> dict[str, Any] | None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
-    run = run_folder(config.train, loop["fingerprint"])
+    out, run = Path(loop["out"]), run_folder(config.train, loop["fingerprint"])
+    if not out.is_dir():  # made by the calling process: rank 0 writes the kept model there at the end
+        raise RuntimeError(
+            f"{out}: the stage's build folder in experiment.cache_dir is not visible on node "
+            f"{socket.gethostname()}; the cache must be on storage every node mounts (README, 'On a cluster')"
+        )
     record_placement(run, rank, device)
     model = recipe.build_model(config, loop)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=optim.lr)
@@ -425,7 +430,6 @@ def train_fn(loop: dict[str, Any]) -> dict[str, Any] | None:
         return None
     kept = unwrap(model)
     kept.load_state_dict(best["model"])
-    out = Path(loop["out"])
     save_model(kept, out)
     meta = {
         **run_record(best, history, steps, resumes),

@@ -1,4 +1,6 @@
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -87,14 +89,43 @@ def small_features(small_corpus, ray_cluster, tmp_path_factory):
     return config, manifest, store, cache
 
 
+@contextmanager
+def model_work_here() -> Iterator[list[str]]:
+    """While open, every HuBERT built and every ``torch.load`` in this process, by name: what a driver or
+    a Tune trial must not do (the model's work belongs to the Ray Train workers and tasks)."""
+    import torch
+    import transformers
+
+    work: list[str] = []
+    hubert_init, torch_load = transformers.HubertModel.__init__, torch.load
+
+    def counted_init(self, *args, **kwargs):
+        work.append(f"built {type(self).__name__}")
+        hubert_init(self, *args, **kwargs)
+
+    def counted_load(*args, **kwargs):
+        work.append(f"torch.load {args[0] if args else kwargs}")
+        return torch_load(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(transformers.HubertModel, "__init__", counted_init)
+        patch.setattr(torch, "load", counted_load)
+        yield work
+
+
+DRIVER_WORK: dict[str, list[str]] = {}
+"""What :func:`model_work_here` saw while a session fixture ran a fold in this process."""
+
+
 @pytest.fixture(scope="session")
 def trained_fold(small_corpus, ray_cluster, tmp_path_factory):
     """Fold 1 of the small corpus through every stage with TINY_TRAINING, once for the session, in a stage
     cache of its own. Tests of what surrounds training (the CLI, MLflow, job submission, tracking
     outages) point ``experiment.cache_dir`` at it and reuse the stages instead of training them again;
     the fault tests compare their interrupted stages with these. Its Ray Train run folders are kept
-    (``<cache>/../ray``), so tests can read each stage's last epoch. Returns the cache folder and the
-    fold's first (building) result."""
+    (``<cache>/../ray``), so tests can read each stage's last epoch. What this process did of a model's
+    work meanwhile is in ``DRIVER_WORK["trained_fold"]``. Returns the cache folder and the fold's first
+    (building) result."""
     from gmpatl_ray.artifacts import ArtifactCache
     from gmpatl_ray.pipeline import run_fold
 
@@ -106,7 +137,10 @@ def trained_fold(small_corpus, ray_cluster, tmp_path_factory):
         "train.keep_run_folders=true",
     ]
     config = small_config(folder, *overrides, *TINY_TRAINING)
-    return shared / "cache", run_fold(config, manifest, 1, ArtifactCache(shared / "cache"))
+    with model_work_here() as work:
+        fold = run_fold(config, manifest, 1, ArtifactCache(shared / "cache"))
+    DRIVER_WORK["trained_fold"] = work
+    return shared / "cache", fold
 
 
 DDP_TRAINING = [

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -73,6 +76,40 @@ def test_job_entrypoint_runs_the_submitted_copy(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "manifest.csv").is_file()
+
+
+@pytest.mark.slow
+def test_gpu_extraction_waits_for_a_gpu_instead_of_falling_back_to_the_cpu(ray_cluster, tmp_path):
+    """``extract.device: cuda`` on a cluster without a GPU now (GPU nodes scaled to zero): the command says
+    so, its HuBERT actor waits for a GPU, and no CPU actor extracts anything meanwhile."""
+    config_file = tmp_path / "small.yaml"
+    config_file.write_text(dump_config(small_config(tmp_path, "extract.device=cuda")))
+    proc = subprocess.Popen(
+        [str(GMPATL), "extract", "--config", str(config_file)],
+        cwd=REPO,
+        env={**os.environ, **ray_cluster},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 120
+        while not any("(pending: 1 CPU, 1 GPU)" in line for line in lines):  # Ray Data's progress log
+            assert proc.poll() is None, "".join(lines)[-3000:]
+            assert time.monotonic() < deadline, "".join(lines)[-3000:]
+            time.sleep(0.5)
+        time.sleep(5)
+        assert proc.poll() is None  # still waiting for a GPU
+        output = "".join(lines)
+        assert "features extracted" not in output and "running=1" not in output
+        assert not list((tmp_path / "cache").glob("features/*/_COMPLETE.json"))
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
 
 
 @pytest.mark.slow

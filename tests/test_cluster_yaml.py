@@ -54,6 +54,8 @@ def test_every_node_mounts_the_shared_storage_and_the_container_sees_it(cluster)
     assert f"-v {SHARED}:{SHARED}" in cluster["docker"]["run_options"]
     assert load_config(REPO / "configs" / "cluster.yaml").experiment.output_dir.startswith(f"{SHARED}/")
     assert any(SHARED in command for command in cluster["setup_commands"])  # checked in the container
+    # The MLflow server's store: on the head's own disk, so it outlives the container (README)
+    assert "-v /home/ubuntu/mlflow:/home/ray/mlflow" in cluster["docker"]["run_options"]
 
 
 def test_the_mount_refuses_to_run_until_the_file_system_is_set(cluster):
@@ -61,7 +63,7 @@ def test_the_mount_refuses_to_run_until_the_file_system_is_set(cluster):
     result = subprocess.run(
         ["bash", "-c", cluster["initialization_commands"][0]], capture_output=True, text=True, timeout=30
     )
-    assert result.returncode == 1 and "set EFS to your EFS file system's DNS name" in result.stderr
+    assert result.returncode == 1 and "set EFS to your file system's DNS name" in result.stderr
 
 
 def test_nodes_boot_the_baked_image_on_an_ami_with_a_cuda_13_driver(cluster):
@@ -71,9 +73,13 @@ def test_nodes_boot_the_baked_image_on_an_ami_with_a_cuda_13_driver(cluster):
     assert cluster["docker"]["image"].endswith("/gmpatl-ray:0.1.0-gpu")
     installs = [c for c in cluster["setup_commands"] if "pip install" in c]  # fetch nothing at boot
     assert installs and all("--no-deps" in c and "--no-build-isolation" in c for c in installs)
-    for node in cluster["available_node_types"].values():
-        image = node["node_config"]["ImageId"]
-        assert image.startswith("resolve:ssm:/aws/service/deeplearning/ami/x86_64/base-oss-nvidia-driver")
+    amis = {node["node_config"]["ImageId"] for node in cluster["available_node_types"].values()}
+    assert len(amis) == 1 and re.fullmatch(r"ami-[0-9a-f]{8,17}|ami-SET-ME", amis.pop())  # one AMI, set once
+    ami_note = CLUSTER_YAML.read_text().split("ImageId: &ami")[0].rsplit("SET:", 1)[1]
+    assert (
+        "/aws/service/deeplearning/ami/x86_64/base-oss-nvidia-driver-gpu-ubuntu-24.04/latest/ami-id"
+        in ami_note
+    )
     assert "torch.cuda.is_available()" in " ".join(cluster["worker_setup_commands"])
 
 

@@ -40,6 +40,8 @@ def test_the_papers_run_trains_on_gpu_workers_or_on_cpu_with_one_override():
     on_cpu = load_config(CONFIGS / "iemocap.yaml", ["train.use_gpu=false"]).train
     assert not on_cpu.use_gpu and on_cpu.num_workers * on_cpu.cpus_per_worker <= 2
     assert load_config(None).train.use_gpu is False  # the defaults stay CPU, for the demo and your corpus
+    assert on_gpu.data_loaders() == 1 and on_cpu.data_loaders() == 0  # a loader process only beside a GPU
+    assert load_config(None, ["train.loader_workers=3"]).train.data_loaders() == 3
 
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
@@ -195,7 +197,7 @@ def test_cluster_configs_put_every_path_on_shared_storage_and_state_every_device
         assert value is None or value.startswith("/mnt/shared/"), (key, value)
     assert config.backbone.pretrained.startswith("/mnt/shared/")
     assert (config.extract.device, config.gmp.backend, config.train.use_gpu) == ("cuda", "cuml", True)
-    assert config.train.loader_workers > 0 and config.train.pin_memory
+    assert 0 < config.train.data_loaders() < config.train.cpus_per_worker and config.train.pin_memory
     assert config.tracking.uri == "http://127.0.0.1:5000"
     assert config.stage1 == load_config(CONFIGS / "iemocap.yaml").stage1  # the paper's method
 

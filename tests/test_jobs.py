@@ -126,7 +126,7 @@ def submit_when_ready(command: list[str], env: dict[str, str]) -> subprocess.Com
     """``ray job submit``, retried while the head's job agent is still starting (the dashboard port opens
     first; Ray answers "No available agent to submit job, please try again later")."""
     for _ in range(30):
-        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=480)
         if result.returncode == 0 or "No available agent" not in result.stdout + result.stderr:
             return result
         time.sleep(2)
@@ -202,7 +202,6 @@ def test_the_demo_cv_runs_as_a_job_on_several_nodes_and_writes_only_to_the_outpu
 
     stray = [p for temp in temps for pattern in WRITTEN for p in temp.rglob(pattern)]
     assert stray == [], stray  # not in any node's temp dir, the job's working dir copy included
-    assert not (REPO / "outputs" / "demo").exists() or "job.yaml" not in os.listdir(REPO / "outputs" / "demo")
 
     client = MlflowClient(tracking_uri=f"sqlite:///{shared / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("job-test").experiment_id

@@ -8,9 +8,7 @@ from __future__ import annotations
 import os
 
 import pytest
-import torch
-import transformers
-from conftest import TINY_TRAINING, small_config
+from conftest import DRIVER_WORK, TINY_TRAINING, model_work_here, small_config
 
 from gmpatl_ray.artifacts import ArtifactCache
 from gmpatl_ray.pipeline import run_fold
@@ -28,22 +26,9 @@ def test_a_fold_runs_all_stages_and_reuses_them(small_corpus, trained_fold, tmp_
 
     config = small_config(folder, f"train.storage_path={tmp_path / 'ray'}", *TINY_TRAINING)
     margin = config.model_copy(update={"stage3": config.stage3.model_copy(update={"margin": 0.35})})
-    built_here, loaded_here = [], []
-    hubert_init, torch_load = transformers.HubertModel.__init__, torch.load
-
-    def counted_init(self, *args, **kwargs):
-        built_here.append(type(self).__name__)
-        hubert_init(self, *args, **kwargs)
-
-    def counted_load(*args, **kwargs):
-        loaded_here.append(args[0] if args else kwargs)
-        return torch_load(*args, **kwargs)
-
-    with pytest.MonkeyPatch.context() as patch:  # counts what this (the driver's) process does
-        patch.setattr(transformers.HubertModel, "__init__", counted_init)
-        patch.setattr(torch, "load", counted_load)
+    with model_work_here() as work:  # what this (the driver's) process does of a model's work
         second = run_fold(margin, manifest, 1, ArtifactCache(cache))
-    assert built_here == [] and loaded_here == [], (built_here, loaded_here)
+    assert work == [] and DRIVER_WORK["trained_fold"] == [], (work, DRIVER_WORK)  # stage 3; all of a fold
     (worker,) = second.artifacts["stage3"].meta["workers"]
     assert worker["rank"] == 0 and worker["device"] == "cpu" and worker["cwd"] != os.getcwd()
     assert second.test_utterances == first.test_utterances and 0 <= second.uar <= 1

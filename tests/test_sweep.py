@@ -16,7 +16,7 @@ from test_cli import GMPATL, run
 from test_faults import kill_group, runs_by_name, start_group, wait_for
 
 from gmpatl_ray.config import ConfigError, dump_config, load_config
-from gmpatl_ray.sweep import run_sweep, trial_config
+from gmpatl_ray.sweep import DEVICES_FILE, run_sweep, sweep_devices, trial_config
 
 SPACE = "sweep={space: {stage3.margin: {grid: [0.2, 0.3]}, stage3.scale: {grid: [10, 30]}}}"
 """Holds the defaults (0.2, 30): the Table 3/4 and resume sweeps below reuse that trial's stages."""
@@ -75,6 +75,24 @@ def test_a_sweep_config_extends_the_demo():
     demo = load_config(REPO / "configs" / "demo.yaml")
     assert sweep.backbone == demo.backbone and sweep.stage1 == demo.stage1
     assert set(sweep.sweep.space) == {"stage3.margin", "stage3.scale"}
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_a_resumed_sweep_keeps_the_devices_it_started_with(small_corpus, tmp_path, capsys):
+    """``auto`` is resolved when a sweep starts and kept with it: a resume on a cluster whose GPUs came or
+    went meanwhile continues with the first run's devices, so its trials still share GMPs and stages."""
+    folder, _ = small_corpus
+    config = small_config(folder)
+    assert (config.extract.device, config.gmp.backend) == ("auto", "auto")
+    first = sweep_devices(config, tmp_path, resume=False)
+    assert (first.extract.device, first.gmp.backend) == ("cpu", "faiss")  # this cluster has no GPU
+    # As if the first run had seen GPU nodes, which have scaled away since:
+    (tmp_path / DEVICES_FILE).write_text(json.dumps({"device": "cuda", "backend": "cuml"}))
+    resumed = sweep_devices(config, tmp_path, resume=True)
+    assert (resumed.extract.device, resumed.gmp.backend) == ("cuda", "cuml")
+    assert "(as when the sweep started)" in capsys.readouterr().out
+    again = sweep_devices(config, tmp_path, resume=False)  # a new sweep of that name decides anew
+    assert (again.extract.device, again.gmp.backend) == ("cpu", "faiss")
 
 
 @pytest.mark.slow
