@@ -47,9 +47,14 @@ def resolve_devices(config: Config, announce: bool = True) -> Config:
             f"{cluster_gpus():g} GPUs now; state them in the config to wait for GPU nodes instead)",
             flush=True,
         )
+    return with_devices(config, extract, gmp)
+
+
+def with_devices(config: Config, extract_device: str, backend: str) -> Config:
+    """``config`` with ``extract.device`` and ``gmp.backend`` set."""
     return config.model_copy(
         update={
-            "extract": config.extract.model_copy(update={"device": extract}),
-            "gmp": config.gmp.model_copy(update={"backend": gmp}),
+            "extract": config.extract.model_copy(update={"device": extract_device}),
+            "gmp": config.gmp.model_copy(update={"backend": backend}),
         }
     )

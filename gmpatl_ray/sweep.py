@@ -19,7 +19,7 @@ import pandas as pd
 from .artifacts import ArtifactCache
 from .atomic import atomic_write_text
 from .config import Config, SweepConfig, config_from_dict, set_field, with_absolute_paths
-from .devices import resolve_devices
+from .devices import resolve_devices, with_devices
 from .pipeline import run_cv
 from .report import PARAM_TAG
 from .tracking import Tracker
@@ -105,12 +105,7 @@ def sweep_devices(config: Config, folder: Path, resume: bool) -> Config:
     extract = chosen["device"] if config.extract.device == "auto" else config.extract.device
     backend = chosen["backend"] if config.gmp.backend == "auto" else config.gmp.backend
     print(f"devices: extract.device={extract}, gmp.backend={backend} (as when the sweep started)", flush=True)
-    return config.model_copy(
-        update={
-            "extract": config.extract.model_copy(update={"device": extract}),
-            "gmp": config.gmp.model_copy(update={"backend": backend}),
-        }
-    )
+    return with_devices(config, extract, backend)
 
 
 def run_sweep(config: Config, manifest: pd.DataFrame, folds: list, resume: bool = False) -> pd.DataFrame:
