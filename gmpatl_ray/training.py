@@ -302,6 +302,23 @@ def torch_threads(train: TrainConfig) -> int:
     return max(1, train.cpus_per_worker - train.data_loaders())
 
 
+class StorageNotShared(RuntimeError):
+    """A folder the calling process made is not there on the node a worker runs on."""
+
+
+def visible_build_folder(folder: str) -> Path:
+    """The cache's build folder of the stage, made by the calling process, where rank 0 writes the kept
+    model at the end: checked by every rank at start, so a cache that is not on shared storage fails at
+    once, naming the node, not after the training."""
+    path = Path(folder)
+    if not path.is_dir():
+        raise StorageNotShared(
+            f"{path}: the stage's build folder in experiment.cache_dir is not visible on node "
+            f"{socket.gethostname()}; the cache must be on storage every node mounts (README, 'On a cluster')"
+        )
+    return path
+
+
 WORKERS_FOLDER = "workers"
 
 
@@ -351,12 +368,7 @@ def train_fn(loop: dict[str, Any]) -> dict[str, Any] | None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
-    out, run = Path(loop["out"]), run_folder(config.train, loop["fingerprint"])
-    if not out.is_dir():  # made by the calling process: rank 0 writes the kept model there at the end
-        raise RuntimeError(
-            f"{out}: the stage's build folder in experiment.cache_dir is not visible on node "
-            f"{socket.gethostname()}; the cache must be on storage every node mounts (README, 'On a cluster')"
-        )
+    out, run = visible_build_folder(loop["out"]), run_folder(config.train, loop["fingerprint"])
     record_placement(run, rank, device)
     model = recipe.build_model(config, loop)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=optim.lr)

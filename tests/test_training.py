@@ -23,6 +23,7 @@ from gmpatl_ray.models.masking import span_mask
 from gmpatl_ray.stages import stage1, stage2, stage3
 from gmpatl_ray.training import (
     CollectiveDeviceError,
+    StorageNotShared,
     all_reduce_sum,
     data_loader,
     emotion_dataset,
@@ -34,6 +35,7 @@ from gmpatl_ray.training import (
     run_name,
     save_model,
     saved_weights,
+    visible_build_folder,
 )
 
 PACKAGE = Path(__file__).parent.parent / "gmpatl_ray"
@@ -262,3 +264,11 @@ def test_loader_processes_give_the_same_batches_as_the_training_process(small_co
         for a, b in zip(a_epoch, b_epoch, strict=True):
             assert torch.equal(a["waves"], b["waves"]) and torch.equal(a["emotion"], b["emotion"])
     assert not torch.equal(inline[0][0]["waves"], inline[1][0]["waves"])  # crops and order change by epoch
+
+
+def test_a_worker_that_cannot_see_the_caches_build_folder_fails_at_once_naming_its_node(tmp_path):
+    """What a worker on another node meets when experiment.cache_dir is on one node's own disk."""
+    assert visible_build_folder(str(tmp_path)) == tmp_path
+    missing = tmp_path / "cache" / "stage1" / ".abc.tmp-1234"
+    with pytest.raises(StorageNotShared, match=rf"{missing}: .* not visible on node {socket.gethostname()}"):
+        visible_build_folder(str(missing))
