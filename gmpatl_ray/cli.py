@@ -93,6 +93,32 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(cv)
     cv.add_argument("--folds", help="comma-separated folds to run (default: all), e.g. 1,3")
 
+    train = commands.add_parser(
+        "train",
+        help="the final model: all stages on every fold's data, one MLflow run (tracking.register_model)",
+    )
+    _config_args(train)
+
+    predict = commands.add_parser(
+        "predict", help="label new audio with a trained model on Ray Data: one row per file, CSV or Parquet"
+    )
+    _config_args(predict)
+    predict.add_argument(
+        "--model",
+        required=True,
+        help="runs:/<run id>/model, models:/NAME/VERSION, a local model folder, or a CV run id (its fold "
+        "models as an ensemble)",
+    )
+    predict.add_argument("--out", required=True, type=Path, help="file to write (.csv or .parquet)")
+    predict.add_argument(
+        "--on-error",
+        choices=["fail", "skip"],
+        default=argparse.SUPPRESS,
+        help="fail (default): list every bad file and write nothing; skip: score the others and list "
+        "the bad ones in <out>.skipped.txt",
+    )
+    predict.add_argument("inputs", nargs="+", metavar="INPUT", help="audio files, folders, manifest CSVs")
+
     sweep = commands.add_parser(
         "sweep", help="Ray Tune sweep over sweep.space: each trial a CV over sweep.folds, tracked in MLflow"
     )
@@ -265,6 +291,100 @@ def cmd_cv(args: argparse.Namespace) -> int:
         f"mean WAR {table['war'].mean():.1%} (std {table['war'].std(ddof=0):.1%})  "
         f"mean UAR {table['uar'].mean():.1%} (std {table['uar'].std(ddof=0):.1%})  MLflow: {tracker.uri}"
     )
+    run = table.attrs["mlflow_run"]
+    if config.tracking.log_model and not run.startswith("offline-"):
+        count = f"{len(chosen)} fold model(s)" + (" (an ensemble)" if len(chosen) > 1 else "")
+        print(f"Label new audio with this CV's {count}, for instance fold {chosen[0]}'s session:")
+        print("  " + _predict_command(args, run, config, _example_input(config, chosen[0])))
+    return 0
+
+
+def _predict_command(args: argparse.Namespace, model: str, config: Config, inputs: str) -> str:
+    """The ``gmpatl predict`` command line that labels ``inputs`` with ``model``, runnable as printed
+    from here (the same program, config file and overrides as this command)."""
+    import os
+    import shlex
+
+    program = sys.argv[0] if Path(sys.argv[0]).name == "gmpatl" else "gmpatl"
+    words = [program, "predict"]
+    if getattr(args, "config", None):
+        words += ["--config", args.config]
+    if getattr(args, "overrides", None):
+        words += ["--set", *args.overrides]
+    out = Path(config.experiment.output_dir) / "predictions.csv"
+    here = Path.cwd()
+    shown = [os.path.relpath(p) if Path(p).is_relative_to(here) else p for p in (str(out), inputs)]
+    return shlex.join([*words, "--model", model, "--out", *shown])
+
+
+def _example_input(config: Config, fold) -> str:
+    """Audio to try a model on: fold ``fold``'s session folder of an IEMOCAP-layout corpus, else the
+    manifest (a CSV with a ``path`` column is an input too)."""
+    if config.data.source in ("iemocap", "demo"):
+        folder = Path(config.data.root) / f"Session{fold}" / "sentences" / "wav"
+        if folder.is_dir():
+            return str(folder)
+    return str(config.data.manifest)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import shlex
+
+    from .artifacts import ArtifactCache
+    from .data.manifest import format_summary
+    from .data.prepare import load_or_prepare
+    from .pipeline import run_final
+    from .runtime import init_ray
+    from .tracking import Tracker
+
+    config = _load(args)
+    manifest = load_or_prepare(config.data)
+    print(format_summary(manifest, f"{config.data.source} manifest {config.data.manifest}"), flush=True)
+    init_ray()
+    tracker = Tracker(config.tracking.experiment, config.tracking.uri, config.experiment.output_dir)
+    final = run_final(config, manifest, ArtifactCache(config.experiment.cache_dir), tracker)
+    print(
+        f"final model: best validation UAR {final.best_val_uar:.1%}; MLflow run {final.run} at {tracker.uri}"
+    )
+    if final.model is None:
+        return 0
+    print(f"  model folder {final.model}")
+    if final.run.startswith("offline-"):  # MLflow was away: its records wait (the warning named the file)
+        print("Label new audio with the model folder (MLflow has not got the run yet):")
+        print("  " + _predict_command(args, str(final.model), config, _example_input(config, 1)))
+        return 0
+    uri = f"runs:/{final.run}/model"
+    if config.tracking.register_model and not final.registered:
+        print(f"  registering it as {config.tracking.register_model} waits with the tracking records")
+    if final.registered:
+        name, version = final.registered.split("/")
+        uri = f"models:/{name}/{version}"
+        print(f"  registered as {final.registered} in the MLflow model registry")
+    print("Label new audio with it:")
+    print("  " + _predict_command(args, uri, config, _example_input(config, 1)))
+    print("Serve it over HTTP (POST /invocations, README 'Use a trained model'):")
+    serve = f"mlflow models serve -m {uri} --env-manager local -h 127.0.0.1 -p 5001"
+    bin_dir = Path(sys.executable).parent  # MLflow starts uvicorn from the PATH: this environment's
+    print(f"  PATH={shlex.quote(str(bin_dir))}:$PATH MLFLOW_TRACKING_URI={shlex.quote(tracker.uri)} {serve}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .predict import run_predict, skipped_path
+    from .runtime import init_ray
+
+    overrides = [f"predict.on_error={args.on_error}"] if hasattr(args, "on_error") else []
+    config = _load(args, overrides)
+    init_ray()
+    predictions = run_predict(config, args.model, args.inputs, args.out)
+    table = predictions.table
+    counts = "  ".join(f"{k} {v}" for k, v in table["emotion"].value_counts().sort_index().items())
+    members = f"an ensemble of {predictions.models} models" if predictions.models > 1 else "the model"
+    print(f"labelled {len(table)} file(s) with {members} -> {args.out}  ({counts})")
+    if predictions.problems:
+        print(f"skipped {len(predictions.problems)} file(s), listed in {skipped_path(args.out)}:")
+        for problem in predictions.problems:
+            print(f"  {problem}")
     return 0
 
 
@@ -368,6 +488,8 @@ COMMANDS = {
     "cluster": cmd_cluster,
     "gmp-report": cmd_gmp_report,
     "cv": cmd_cv,
+    "train": cmd_train,
+    "predict": cmd_predict,
     "sweep": cmd_sweep,
     "report": cmd_report,
     "verify-cache": cmd_verify_cache,

@@ -306,7 +306,36 @@ class TrackingConfig(_Section):
     experiment: str = "gmpatl"
     uri: str | None = None
     log_model: bool = True
-    """Log each fold's final model (HuBERT as ``save_pretrained`` writes it, and the heads) as artifacts."""
+    """Log each fold's model (and ``gmpatl train``'s) as an MLflow pyfunc model at artifact path ``model``:
+    ``mlflow.pyfunc.load_model``, ``mlflow models serve`` and ``gmpatl predict`` take it."""
+    register_model: str | None = None
+    """``gmpatl train`` registers its model under this name in the MLflow model registry (a new version
+    per run)."""
+
+    @model_validator(mode="after")
+    def _registers_a_logged_model(self) -> TrackingConfig:
+        if self.register_model and not self.log_model:
+            raise ValueError("register_model needs log_model: true (it registers the logged model)")
+        return self
+
+
+class PredictConfig(_Section):
+    """``gmpatl predict``: a trained model on new audio with Ray Data (decode tasks, an actor pool of the
+    model). The served MLflow model reads ``window_s`` from the config it was trained with."""
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto: one GPU per actor when the cluster has GPUs, else CPU actors."""
+    actors: PositiveInt | None = None
+    """None: one per GPU of the cluster, or, on CPU, one per ``threads_per_actor`` CPU cores."""
+    threads_per_actor: PositiveInt = 1
+    """torch threads in each CPU actor."""
+    window_s: PositiveFloat = 60.0
+    """A file longer than this is cut into equal windows of at most this length, each scored as an
+    utterance; the file's probabilities are the windows' mean, weighted by their length. (Within a window,
+    the backbone still runs in chunks of ``train.eval_max_duration_s``, as in evaluation.)"""
+    on_error: Literal["fail", "skip"] = "fail"
+    """fail: list every bad file and write nothing; skip: write the others and list the bad ones beside
+    the output (``<out>.skipped.txt``)."""
 
 
 class SearchSpace(_Section):
@@ -381,6 +410,7 @@ class Config(_Section):
     stage2: Stage2Config = Stage2Config()
     stage3: Stage3Config = Stage3Config()
     tracking: TrackingConfig = TrackingConfig()
+    predict: PredictConfig = PredictConfig()
     sweep: SweepConfig | None = None
     """Only ``gmpatl sweep`` reads it; every other command runs the experiment as written."""
 

@@ -49,16 +49,41 @@ def split_fold(
         raise InputError(f"fold {fold!r} leaves no training utterances: the manifest has one {column} only")
     if validation == "session":
         return _session_split(manifest, column, available, fold, test)
+    train, val = _stratified(rest, val_fraction, seed)
+    return FoldSplit(fold, train, val, test.reset_index(drop=True))
+
+
+FINAL = "all"
+"""The fold name of a final model's split: every utterance trains or validates, none is tested."""
+
+
+def final_split(config: Config, manifest: pd.DataFrame) -> FoldSplit:
+    """The split of a final model (``gmpatl train``): validation carved out of the whole corpus as in CV
+    (a seeded share of each emotion, or for ``session`` the last fold whole), the rest trains; no test."""
+    train = config.train
+    column = fold_column(manifest)
+    if train.validation == "session":
+        available = folds(manifest)
+        if len(available) < 2:
+            raise InputError(
+                f"train.validation=session needs 2 {column}s or more; the manifest has {available}"
+            )
+        held_out = manifest[column] == available[-1]
+        parts = manifest[~held_out].reset_index(drop=True), manifest[held_out].reset_index(drop=True)
+    else:
+        parts = _stratified(manifest, train.val_fraction, config.experiment.seed)
+    return FoldSplit(FINAL, *parts, manifest.iloc[0:0].reset_index(drop=True))
+
+
+def _stratified(rest: pd.DataFrame, val_fraction: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(train, validation): ``val_fraction`` of each emotion of ``rest`` validates, drawn with ``seed``."""
     rng = np.random.default_rng(seed)
     val_index = []
     for _, group in rest.groupby("emotion", sort=True):
         n = int(round(len(group) * val_fraction))
         val_index += list(rng.choice(group.index.to_numpy(), size=min(n, len(group) - 1), replace=False))
     val = rest.loc[sorted(val_index)]
-    train = rest.drop(index=val.index)
-    return FoldSplit(
-        fold, train.reset_index(drop=True), val.reset_index(drop=True), test.reset_index(drop=True)
-    )
+    return rest.drop(index=val.index).reset_index(drop=True), val.reset_index(drop=True)
 
 
 def _session_split(

@@ -28,6 +28,20 @@ def extract_device(value: str) -> str:
     return "cuda" if cluster_gpus() >= 1 else "cpu"
 
 
+def actor_plan(device: str, actors: int | None, threads_per_actor: int) -> tuple[str, int]:
+    """A model's Ray Data actor pool (extraction, prediction): the device (``auto`` resolved here if a
+    command left it) and the most actors: ``actors``, else one per GPU (at least one, for the autoscaler
+    to bring up) or one per ``threads_per_actor`` CPU cores of the cluster now."""
+    import ray
+
+    device = extract_device(device)
+    if actors is not None:
+        return device, actors
+    if device == "cuda":
+        return device, max(1, int(cluster_gpus()))
+    return device, max(1, int(ray.cluster_resources().get("CPU", 1) // threads_per_actor))
+
+
 def kmeans_backend(value: str) -> str:
     """``gmp.backend``, ``auto`` meaning ``cuml`` when the cluster has a GPU now and cuML is installed."""
     if value != "auto":

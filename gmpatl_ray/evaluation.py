@@ -84,10 +84,11 @@ def groups(durations_s: list[float], limits: EvalLimits) -> list[list[int]]:
 def passes(
     rows: list[dict[str, Any]], limits: EvalLimits, stride: int, receptive_field: int
 ) -> Iterator[list[Piece]]:
-    """The forward passes over ``rows`` (each with ``path`` and ``duration_s``), audio read as needed."""
+    """The forward passes over ``rows`` (each with ``duration_s`` and either its file, ``path``, read as
+    needed, or its waveform at ``limits.sample_rate`` already decoded, ``wave``)."""
     per_pass = max(1, limits.batch_samples // limits.chunk_samples)
     for group in groups([r["duration_s"] for r in rows], limits):
-        waves = [load_audio(rows[i]["path"], limits.sample_rate, limits.resample) for i in group]
+        waves = [_wave(rows[i], limits) for i in group]
         if len(group) > 1 or len(waves[0]) <= limits.chunk_samples:
             yield [Piece(i, wave, len(wave), 0, True) for i, wave in zip(group, waves, strict=True)]
             continue
@@ -99,6 +100,12 @@ def passes(
         ]
         for start in range(0, len(pieces), per_pass):
             yield pieces[start : start + per_pass]
+
+
+def _wave(row: dict[str, Any], limits: EvalLimits) -> np.ndarray:
+    if "wave" in row:
+        return row["wave"]
+    return load_audio(row["path"], limits.sample_rate, limits.resample)
 
 
 def batch_of(pieces: list[Piece], fields: list[dict[str, Any]], device: torch.device) -> dict[str, Any]:
@@ -132,25 +139,38 @@ def utterance_frames(
             yield done
 
 
+def emotion_logits(
+    model: torch.nn.Module,
+    logits: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    rows: list[dict[str, Any]],
+    limits: EvalLimits,
+) -> np.ndarray:
+    """The (rows, classes) emotion logits of an emotion model, in the order of ``rows``: ``model.frames``
+    is its backbone part, ``logits(frames, lengths)`` the emotion logits of its head. One process, eval
+    mode, on the model's device. Evaluation and prediction on new audio both score utterances here."""
+    model.eval()
+    device = next(model.parameters()).device
+    stride, receptive_field = conv_geometry(model.backbone.config)
+    found: list[np.ndarray | None] = [None] * len(rows)
+    with torch.no_grad():
+        for done in utterance_frames(model.frames, rows, limits, stride, receptive_field, device):
+            hidden = torch.nn.utils.rnn.pad_sequence([f for _, f in done], batch_first=True)
+            lengths = torch.tensor([len(f) for _, f in done], device=device)
+            scores = logits(hidden, lengths).float().cpu().numpy()
+            for (row, _), row_scores in zip(done, scores, strict=True):
+                found[row] = row_scores
+    return np.stack(found) if rows else np.zeros((0, 0), dtype=np.float32)
+
+
 def emotion_scores(
     model: torch.nn.Module,
     logits: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     rows: list[dict[str, Any]],
     limits: EvalLimits,
 ) -> dict[str, Any]:
-    """WAR, UAR and the per-row truth and predictions (in the order of ``rows``) of an emotion model:
-    ``model.frames`` is its backbone part, ``logits(frames, lengths)`` the emotion logits of its head.
-    One process, eval mode, on the model's device."""
-    model.eval()
-    device = next(model.parameters()).device
-    stride, receptive_field = conv_geometry(model.backbone.config)
-    predicted = [-1] * len(rows)
-    with torch.no_grad():
-        for done in utterance_frames(model.frames, rows, limits, stride, receptive_field, device):
-            hidden = torch.nn.utils.rnn.pad_sequence([f for _, f in done], batch_first=True)
-            lengths = torch.tensor([len(f) for _, f in done], device=device)
-            for (row, _), label in zip(done, logits(hidden, lengths).argmax(-1).tolist(), strict=True):
-                predicted[row] = label
+    """WAR, UAR and the per-row truth and predictions (in the order of ``rows``) of an emotion model
+    (see :func:`emotion_logits`)."""
+    predicted = emotion_logits(model, logits, rows, limits).argmax(-1).tolist()
     truth = [r["emotion"] for r in rows]
     return {
         "war": war(truth, predicted),

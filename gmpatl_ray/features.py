@@ -212,20 +212,27 @@ ROWS_PER_CALL = 16
 per-call overhead is paid once per 16 utterances however small the forward batch."""
 
 
-def extraction_plan(extract: ExtractConfig) -> tuple[str, int]:
-    """The device (``extract.device``; ``auto`` is normally resolved by the command already, see
-    :mod:`gmpatl_ray.devices`) and the most actors: ``extract.actors``, else one per GPU (at least one, for
-    the autoscaler to bring up) or one per CPU core of the cluster now."""
+def block_count(rows: int) -> int:
+    """Blocks :func:`dataset_in_blocks` makes of ``rows`` rows."""
+    return max(1, min(rows // ROWS_PER_CALL, 64))
+
+
+def dataset_in_blocks(rows: pd.DataFrame):
+    """A Ray Dataset of ``rows`` in contiguous blocks of about ``ROWS_PER_CALL`` (at most 64), so that tasks
+    run in parallel and rows sorted by length stay length-bucketed in every batch. (Split here: Ray 2.60's
+    ``override_num_blocks`` splits with numpy, which pandas 3 frames do not survive.)"""
     import ray
 
-    from .devices import cluster_gpus, extract_device
+    bounds = np.linspace(0, len(rows), block_count(len(rows)) + 1).astype(int)
+    return ray.data.from_pandas([rows.iloc[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)])
 
-    device = extract_device(extract.device)
-    if extract.actors is not None:
-        return device, extract.actors
-    if device == "cuda":
-        return device, max(1, int(cluster_gpus()))
-    return device, max(1, int(ray.cluster_resources().get("CPU", 1) // extract.threads_per_actor))
+
+def extraction_plan(extract: ExtractConfig) -> tuple[str, int]:
+    """The device (``extract.device``; ``auto`` is normally resolved by the command already, see
+    :mod:`gmpatl_ray.devices`) and the most actors (:func:`gmpatl_ray.devices.actor_plan`)."""
+    from .devices import actor_plan
+
+    return actor_plan(extract.device, extract.actors, extract.threads_per_actor)
 
 
 def feature_inputs(config: Config, manifest: pd.DataFrame) -> dict[str, Any]:
@@ -274,11 +281,7 @@ def _run_pipeline(config: Config, manifest: pd.DataFrame, layers: list[int], out
     rows = manifest.sort_values("duration_s", ascending=False)[["utt_id", "path"]].reset_index(drop=True)
     crop = int(extract.max_duration_s * config.data.sample_rate) if extract.long_audio == "crop" else None
     start = time.perf_counter()
-    # Contiguous blocks of the sorted rows: decoding runs in parallel and every batch stays length-bucketed.
-    # (Split here: Ray 2.60's override_num_blocks splits with numpy, which pandas 3 frames do not survive.)
-    bounds = np.linspace(0, len(rows), max(1, min(len(rows) // 16, 64)) + 1).astype(int)
-    ds = ray.data.from_pandas([rows.iloc[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)])
-    ds = ds.map_batches(
+    ds = dataset_in_blocks(rows).map_batches(
         decode_batch,
         batch_size=ROWS_PER_CALL,
         fn_kwargs={"sample_rate": config.data.sample_rate, "resample": config.data.resample, "crop": crop},

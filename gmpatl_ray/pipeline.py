@@ -19,11 +19,12 @@ import pandas as pd
 from .artifacts import Artifact, ArtifactCache, fingerprint
 from .atomic import atomic_write_text
 from .config import Config, dump_config
-from .cv import FoldSplit, fold_split
+from .cv import FoldSplit, final_split, fold_split
 from .data.prepare import skipped_list_path
 from .devices import resolve_devices
 from .features import extract_features
 from .gmp import build_gmps_on_cluster
+from .inference import save_model_folder
 from .plots import confusion_plot, training_curves
 from .stages.stage1 import run_stage1
 from .stages.stage2 import run_stage2
@@ -47,7 +48,24 @@ class FoldResult:
 
 
 def run_fold(config: Config, manifest: pd.DataFrame, fold: Any, cache: ArtifactCache) -> FoldResult:
-    split = fold_split(config, manifest, fold)
+    built, artifacts = train_stages(config, fold_split(config, manifest, fold), cache)
+    test = artifacts["stage3"].meta["test"]
+    return FoldResult(
+        fold=fold,
+        war=test["war"],
+        uar=test["uar"],
+        confusion=test["confusion"],
+        test_utterances=test["utterances"],
+        built=built,
+        artifacts=artifacts,
+    )
+
+
+def train_stages(
+    config: Config, split: FoldSplit, cache: ArtifactCache
+) -> tuple[dict[str, bool], dict[str, Artifact]]:
+    """Every stage on ``split`` (a CV fold, or a final model's whole corpus): which steps this call
+    computed (False: reused from the cache) and each step's artifact."""
     stage1, built1 = run_stage1(config, split, cache)
     if config.stage2.enabled:
         built, artifacts = _gmps_and_stage2(config, split, stage1, cache)
@@ -55,16 +73,7 @@ def run_fold(config: Config, manifest: pd.DataFrame, fold: Any, cache: ArtifactC
     else:  # the "without GMPs" ablation: stage 3 fine-tunes the stage-1 HuBERT
         built, artifacts, backbone = {}, {}, stage1.path / "backbone"
     stage3, built3 = run_stage3(config, split, backbone, cache)
-    test = stage3.meta["test"]
-    return FoldResult(
-        fold=fold,
-        war=test["war"],
-        uar=test["uar"],
-        confusion=test["confusion"],
-        test_utterances=test["utterances"],
-        built={"stage1": built1, **built, "stage3": built3},
-        artifacts={"stage1": stage1, **artifacts, "stage3": stage3},
-    )
+    return {"stage1": built1, **built, "stage3": built3}, {"stage1": stage1, **artifacts, "stage3": stage3}
 
 
 def _gmps_and_stage2(
@@ -105,11 +114,11 @@ def run_cv(
     (its settings and per-epoch metrics). ``on_fold`` gets the table so far after each fold (a sweep
     reports it to Tune). ``unique_name``: ``run_name`` names this CV alone (a sweep's trial), so even a
     finished run of that name is the same CV, rerun (a trial Tune restarts) and logged into, not beside.
-    Returns the per-fold table."""
+    Returns the per-fold table; its ``attrs["mlflow_run"]`` is the parent run's id."""
     config = resolve_devices(config)  # once, so no fold (or trial) decides by the cluster of the moment
     emotions = config.data.emotions
     reports = Path(config.experiment.output_dir) / "reports"
-    resolved = config.model_dump(mode="json", exclude={"sweep"})
+    resolved = run_identity(config)
     name = run_name or f"cv-{config.experiment.name}"
     parent, resuming = _parent_run(tracker, name, resolved, tags or {}, unique_name)
     track_inputs(tracker, parent, config, resolved, reports)
@@ -163,7 +172,15 @@ def run_cv(
     )
     tracker.end(parent)
     tracker.flush()  # a last try for anything that waited out a tracking outage
+    table.attrs["mlflow_run"] = tracker.ids.get(parent, parent)
     return table
+
+
+def run_identity(config: Config) -> dict[str, Any]:
+    """The config as a CV or final run records it (params, and the fingerprint an interrupted run is
+    resumed by): everything but the sweep (a trial's own values are in it) and ``predict``, which only
+    ``gmpatl predict`` reads."""
+    return config.model_dump(mode="json", exclude={"sweep", "predict"})
 
 
 def track_inputs(tracker: Tracker, run: str, config: Config, resolved: dict, reports: Path) -> None:
@@ -178,13 +195,14 @@ def track_inputs(tracker: Tracker, run: str, config: Config, resolved: dict, rep
 
 
 def _parent_run(
-    tracker: Tracker, name: str, resolved: dict, tags: dict[str, str], unique_name: bool
+    tracker: Tracker, name: str, resolved: dict, tags: dict[str, str], unique_name: bool, kind: str = "cv"
 ) -> tuple[str, bool]:
-    """The CV's parent run and whether it takes over an earlier one: a run of this name and config
+    """The CV's parent run (or a final model's run: ``kind``) and whether it takes over an earlier one: a
+    run of this name and config
     fingerprint that did not finish (its driver was killed, or it failed) is resumed, so rerunning an
     interrupted CV leaves one run tree; a finished one is left alone and a new run starts, unless the
     name is unique to this CV."""
-    tags = {"gmpatl.kind": "cv", "gmpatl.config_fingerprint": fingerprint(resolved), **tags}
+    tags = {"gmpatl.kind": kind, "gmpatl.config_fingerprint": fingerprint(resolved), **tags}
     found = tracker.find(name, None, tags)
     if found is None or (found[1] == "FINISHED" and not unique_name):
         return tracker.start(name, tags=tags), False
@@ -211,9 +229,9 @@ def _open_run(
 def _track_fold(
     tracker: Tracker, run: str, config: Config, result: FoldResult, reports: Path, resuming: bool
 ) -> None:
-    """A fold's run: test metrics and figures, the GMPs' inertia, the final model, and a run per stage."""
+    """A fold's run: test metrics, figures and per-utterance predictions, the GMPs' inertia, the model,
+    and a run per stage."""
     fold, artifacts = result.fold, result.artifacts
-    stages = [stage for stage in STAGES if stage in artifacts]  # stage 2 is absent when disabled
     inertia = artifacts["gmps"].meta["inertia_per_frame"] if "gmps" in artifacts else {}
     tracker.metrics(
         run,
@@ -229,22 +247,47 @@ def _track_fold(
         run,
         confusion_plot(result.confusion, config.data.emotions, title, reports / f"confusion_fold{fold}.png"),
     )
+    predictions = artifacts["stage3"].meta["test"].get("predictions")  # absent in stages cached before
+    if predictions:
+        table = pd.DataFrame({"utt_id": list(predictions), "predicted": list(predictions.values())})
+        tracker.artifact(run, _write(reports / f"predictions_fold{fold}.csv", table.to_csv(index=False)))
+    _track_training(tracker, run, config, f"fold {fold}", result.built, artifacts, reports, resuming)
+
+
+def _track_training(
+    tracker: Tracker,
+    run: str,
+    config: Config,
+    label: str,
+    built: dict[str, bool],
+    artifacts: dict[str, Artifact],
+    reports: Path,
+    resuming: bool,
+) -> None:
+    """What a fold's and a final model's runs share: the training curves, the model as an MLflow pyfunc
+    model at artifact path ``model`` (also kept as a local model folder, ``<output_dir>/models/<run>``),
+    and under the run a run per stage with its settings and per-epoch metrics."""
+    stages = [stage for stage in STAGES if stage in artifacts]  # stage 2 is absent when disabled
     histories = {stage: artifacts[stage].meta["history"] for stage in stages}
-    tracker.artifact(run, training_curves(histories, f"fold {fold}", reports / f"curves_fold{fold}.png"))
+    slug = label.replace(" ", "")
+    tracker.artifact(run, training_curves(histories, label, reports / f"curves_{slug}.png"))
     if config.tracking.log_model:
-        tracker.artifact(run, artifacts["stage3"].path, "model")
+        folder = model_folder(config, run)
+        save_model_folder(folder, artifacts["stage3"].path, config)
+        tracker.artifact(run, folder, "model")
+    prefix = run_prefix(label)
     for stage in stages:
         meta = artifacts[stage].meta
         workers = meta.get("workers", [])  # where each rank ran (stages cached before this was recorded)
         tags = {
             "gmpatl.kind": "stage",
             "gmpatl.stage": stage,
-            "gmpatl.fold": str(fold),
-            "gmpatl.reused": str(not result.built[stage]).lower(),
+            "gmpatl.fold": label.removeprefix("fold "),
+            "gmpatl.reused": str(not built[stage]).lower(),
             "gmpatl.resumed_at_epochs": ",".join(map(str, meta["resumed_at_epochs"])),
             "gmpatl.workers": " ".join(f"{w['rank']}:{w['device']}@{w['hostname']}" for w in workers),
         }
-        child, logged = _open_run(tracker, f"fold-{fold}-{stage}", run, tags, resuming)
+        child, logged = _open_run(tracker, f"{prefix}-{stage}", run, tags, resuming)
         if logged:
             continue
         section = getattr(config, stage).model_dump(mode="json")
@@ -252,6 +295,56 @@ def _track_fold(
         tracker.history(child, histories[stage])
         tracker.metrics(child, {"best_epoch": meta["best_epoch"], "steps": meta["steps"]})
         tracker.end(child)
+
+
+def run_prefix(label: str) -> str:
+    """``fold 1`` -> ``fold-1``; ``final`` -> ``final``: the stage runs' name prefix."""
+    return label.replace(" ", "-")
+
+
+def model_folder(config: Config, run: str) -> Path:
+    """Where a run's model folder is kept: ``<output_dir>/models/<run id>``."""
+    return Path(config.experiment.output_dir) / "models" / run
+
+
+@dataclass
+class FinalResult:
+    run: str
+    """The MLflow run (``gmpatl.kind=final``); ``offline-...`` while MLflow is unreachable."""
+    best_val_uar: float
+    model: Path | None
+    """The local model folder (None with ``tracking.log_model: false``)."""
+    registered: str | None
+    """``NAME/VERSION`` in the model registry, once registered."""
+
+
+def run_final(config: Config, manifest: pd.DataFrame, cache: ArtifactCache, tracker: Tracker) -> FinalResult:
+    """``gmpatl train``: every stage on the whole corpus (validation carved out as in CV, for the best
+    epoch), through the same stage cache and Ray Train path as a CV fold; one MLflow run with the model,
+    registered as a new version of ``tracking.register_model`` when set. An interrupted run of the same
+    config is resumed, as a CV's is."""
+    config = resolve_devices(config)
+    reports = Path(config.experiment.output_dir) / "reports"
+    resolved = run_identity(config)
+    run, resuming = _parent_run(tracker, f"final-{config.experiment.name}", resolved, {}, False, "final")
+    track_inputs(tracker, run, config, resolved, reports)
+    try:
+        split = final_split(config, manifest)
+        tracker.metrics(run, {"train_utterances": len(split.train), "val_utterances": len(split.val)})
+        built, artifacts = train_stages(config, split, cache)
+        best = artifacts["stage3"].meta["best_val_uar"]
+        tracker.metrics(run, {"best_val_uar": best})
+        _track_training(tracker, run, config, "final", built, artifacts, reports, resuming)
+        registered = None
+        if config.tracking.register_model:
+            registered = tracker.register(run, "model", config.tracking.register_model)
+    except BaseException:
+        tracker.end(run, "FAILED")
+        raise
+    tracker.end(run)
+    tracker.flush()
+    model = model_folder(config, run) if config.tracking.log_model else None
+    return FinalResult(tracker.ids.get(run, run), best, model, registered)
 
 
 def _write(path: Path, text: str) -> Path:

@@ -88,6 +88,7 @@ class Tracker:
         self.retry_after_s = retry_after_s
         self.pending: list[dict[str, Any]] = []
         self.ids: dict[str, str] = {}  # offline handle -> MLflow run id, filled when the start is sent
+        self.registered: dict[str, str] = {}  # register record's key -> "NAME/VERSION", once sent
         self.secrets = environment_secrets()
         self.client = None
         self.experiment_id: str | None = None
@@ -160,6 +161,14 @@ class Tracker:
     def artifact(self, run: str | None, path: Path, folder: str | None = None) -> None:
         """Log a file, or a directory's files, under the run's artifacts (inside ``folder`` if given)."""
         self._submit({"call": "artifact", "run": run, "path": str(Path(path).resolve()), "folder": folder})
+
+    def register(self, run: str, artifact_path: str, name: str) -> str | None:
+        """Register the model the run logged at ``artifact_path`` as a new version of the registered model
+        ``name`` (created if missing). Returns ``NAME/VERSION`` when sent now; after an outage the
+        registration waits with the rest and is made when the records are sent."""
+        key = uuid.uuid4().hex
+        self._submit({"call": "register", "run": run, "path": artifact_path, "name": name, "key": key})
+        return self.registered.get(key)
 
     def end(self, run: str | None, status: str = "FINISHED") -> None:
         self._submit({"call": "end", "run": run, "status": status})
@@ -235,6 +244,8 @@ class Tracker:
             path = Path(record["path"])
             upload = self.client.log_artifacts if path.is_dir() else self.client.log_artifact
             upload(run, str(path), record["folder"])
+        elif call == "register":
+            self.registered[record["key"]] = self._register(run, record["path"], record["name"])
         elif call == "end":
             if record["status"] == "RUNNING":
                 self.client.update_run(run, status="RUNNING")
@@ -242,6 +253,19 @@ class Tracker:
                 self.client.set_terminated(run, record["status"])
         else:
             raise ValueError(f"{self.offline}: unknown tracking record {call!r}")
+
+    def _register(self, run: str, artifact_path: str, name: str) -> str:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.create_registered_model(name)
+        except MlflowException as err:
+            if err.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        source = f"{self.client.get_run(run).info.artifact_uri}/{artifact_path}"
+        version = self.client.create_model_version(name, source, run_id=run)
+        self.client.set_tag(run, "gmpatl.registered_model", f"{name}/{version.version}")
+        return f"{name}/{version.version}"
 
     def _went_offline(self, err: Exception) -> None:
         self.retry_at = time.monotonic() + self.retry_after_s

@@ -68,10 +68,11 @@ class AudioDataset(Dataset):
 
 
 def emotion_rows(split, emotions: list[str]) -> list[dict[str, Any]]:
-    """Manifest rows as the emotion stages (1 and 3) train on them: path, emotion index, gender index, and
-    the duration that groups evaluation passes by length."""
+    """Manifest rows as the emotion stages (1 and 3) train on them: utterance, path, emotion index, gender
+    index, and the duration that groups evaluation passes by length."""
     return [
         {
+            "utt_id": r.utt_id,
             "path": r.path,
             "emotion": emotions.index(r.emotion),
             "gender": "FM".index(r.gender),

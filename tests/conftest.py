@@ -177,3 +177,44 @@ def ddp_stage1(small_corpus, ray_cluster, tmp_path_factory):
     artifact, built = run_stage1(config, split, ArtifactCache(shared / "cache"))
     assert built
     return config, split, artifact, shared / "ray"
+
+
+@pytest.fixture(scope="session")
+def tracked_cv(small_corpus, trained_fold, ray_cluster, tmp_path_factory):
+    """`gmpatl cv --folds 1` as a user runs it, on the session's cluster, its stages reused from the
+    session's trained fold, tracked in its own SQLite MLflow store; once for the session (the CLI's
+    MLflow test reads its run tree, the prediction tests use its fold model). Returns the config file,
+    the output folder, the MLflow URI and the finished process (its stdout prints the predict command)."""
+    import os
+    import subprocess
+
+    from gmpatl_ray.config import dump_config
+
+    folder, _ = small_corpus
+    cache, _ = trained_fold
+    here = tmp_path_factory.mktemp("tracked_cv")
+    config_file = here / "small.yaml"
+    overrides = [
+        f"experiment.output_dir={here / 'out'}",
+        f"experiment.cache_dir={cache}",
+        f"train.storage_path={here / 'ray'}",
+        "tracking.experiment=cv-test",
+        *TINY_TRAINING,
+    ]
+    config_file.write_text(dump_config(small_config(folder, *overrides)))
+    gmpatl = Path(sys.executable).parent / "gmpatl"
+    result = subprocess.run(
+        [str(gmpatl), "cv", "--config", str(config_file), "--folds", "1"],
+        cwd=REPO,
+        env={**os.environ, **ray_cluster},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return {
+        "config": config_file,
+        "out": here / "out",
+        "uri": f"sqlite:///{here / 'out' / 'mlflow.db'}",
+        "result": result,
+    }

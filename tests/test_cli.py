@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import TINY_TRAINING, small_config
+from conftest import small_config
 from transformers import HubertModel
 
 from gmpatl_ray.config import dump_config, load_config, with_absolute_paths
@@ -152,30 +152,19 @@ def test_impossible_scale_exits_2_naming_the_field(small_corpus, small_features,
 
 
 @pytest.mark.slow
-def test_cv_runs_the_folds_and_tracks_them_in_mlflow(small_corpus, trained_fold, ray_cluster, tmp_path):
+def test_cv_runs_the_folds_and_tracks_them_in_mlflow(trained_fold, tracked_cv, tmp_path):
     """`gmpatl cv` on the session's cluster, its stages reused from the session's trained fold (training
     has tests of its own): the table, the MLflow run tree with its artifacts, and `gmpatl report`."""
     from mlflow import MlflowClient
 
-    folder, _ = small_corpus
-    cache, trained = trained_fold
-    config_file = tmp_path / "small.yaml"
-    overrides = [
-        f"experiment.output_dir={tmp_path / 'out'}",
-        f"experiment.cache_dir={cache}",
-        f"train.storage_path={tmp_path / 'ray'}",
-        "tracking.experiment=cv-test",
-        *TINY_TRAINING,
-    ]
-    config_file.write_text(dump_config(small_config(folder, *overrides)))
-    result = run(str(GMPATL), "cv", "--config", str(config_file), "--folds", "1", env=ray_cluster)
-    assert result.returncode == 0, result.stderr[-3000:]
+    _, trained = trained_fold
+    config_file, out, result = tracked_cv["config"], tracked_cv["out"], tracked_cv["result"]
     assert "fold 1: WAR" in result.stdout and "mean UAR" in result.stdout
-    table = pd.read_csv(tmp_path / "out" / "reports" / "cv_results.csv")
+    table = pd.read_csv(out / "reports" / "cv_results.csv")
     assert table["fold"].tolist() == [1] and table["uar"].tolist() == pytest.approx([trained.uar], abs=1e-4)
     assert table["reused"].tolist() == ["stage1,features,gmps,stage2,stage3"]
 
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}")
+    client = MlflowClient(tracking_uri=tracked_cv["uri"])
     experiment = client.get_experiment_by_name("cv-test")
     runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
     parent = runs["cv-gmpatl-demo"]
@@ -191,9 +180,13 @@ def test_cv_runs_the_folds_and_tracks_them_in_mlflow(small_corpus, trained_fold,
     }
     fold1 = runs["fold-1"].info.run_id
     fold1_artifacts = {a.path for a in client.list_artifacts(fold1)}
-    assert fold1_artifacts == {"confusion_fold1.png", "curves_fold1.png", "model"}
-    model = client.download_artifacts(fold1, "model", str(tmp_path / "downloaded"))
-    assert HubertModel.from_pretrained(Path(model) / "backbone").config.hidden_size == 32
+    assert fold1_artifacts == {"confusion_fold1.png", "curves_fold1.png", "predictions_fold1.csv", "model"}
+    model = Path(client.download_artifacts(fold1, "model", str(tmp_path / "downloaded")))
+    assert (model / "MLmodel").is_file()  # an MLflow pyfunc model (tests/test_predict.py uses it)
+    assert HubertModel.from_pretrained(model / "artifacts" / "weights" / "backbone").config.hidden_size == 32
+    predicted = pd.read_csv(client.download_artifacts(fold1, "predictions_fold1.csv", str(tmp_path)))
+    assert len(predicted) == table["test_utterances"][0]
+    assert set(predicted["predicted"]) <= {"ang", "hap", "neu", "sad"}
     assert runs["fold-1"].data.metrics["test_uar"] == pytest.approx(table["uar"][0])
 
     stage2 = runs["fold-1-stage2"]  # a run per stage under its fold, with per-epoch metrics
@@ -219,7 +212,7 @@ def test_unknown_fold_exits_2(small_corpus, tmp_path):
     assert "--folds 1,7: no fold ['7']; the manifest's folds are [1, 2]" in result.stderr
 
 
-@pytest.mark.parametrize("job", ["prepare", "extract", "cluster", "cv", "report"])
+@pytest.mark.parametrize("job", ["prepare", "extract", "cluster", "cv", "train", "predict", "report"])
 def test_every_job_entrypoint_wraps_its_command(job):
     result = run(sys.executable, str(REPO / "jobs" / f"{job}.py"), "--help")
     assert result.returncode == 0 and result.stdout.startswith(f"usage: gmpatl {job}")

@@ -196,7 +196,8 @@ def test_cluster_configs_put_every_path_on_shared_storage_and_state_every_device
         value = (raw.get(section) or {}).get(field)
         assert value is None or value.startswith("/mnt/shared/"), (key, value)
     assert config.backbone.pretrained.startswith("/mnt/shared/")
-    assert (config.extract.device, config.gmp.backend, config.train.use_gpu) == ("cuda", "cuml", True)
+    devices = (config.extract.device, config.gmp.backend, config.train.use_gpu, config.predict.device)
+    assert devices == ("cuda", "cuml", True, "cuda")
     assert 0 < config.train.data_loaders() < config.train.cpus_per_worker and config.train.pin_memory
     assert config.tracking.uri == "http://127.0.0.1:5000"
     assert config.stage1 == load_config(CONFIGS / "iemocap.yaml").stage1  # the paper's method

@@ -6,6 +6,7 @@ corpus of thousands is found at once instead of surfacing as a shape error deep 
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -81,16 +82,28 @@ def load_audio(path: str | Path, sample_rate: int = 16000, resample: bool = True
     info = audio_info(path)
     if info.samplerate != sample_rate and not resample:
         raise AudioError(path, f"sample rate {info.samplerate} Hz, expected {sample_rate} Hz")
+    return _decode(str(path), path, sample_rate)
+
+
+def audio_from_bytes(data: bytes, name: str, sample_rate: int = 16000) -> np.ndarray:
+    """:func:`load_audio` for the bytes of a whole audio file (an HTTP client's upload), resampled to
+    ``sample_rate``; ``name`` stands for the file in error messages."""
+    if not data:
+        raise AudioError(name, "empty file (0 bytes)")
+    return _decode(io.BytesIO(data), name, sample_rate)
+
+
+def _decode(source, name: str | Path, sample_rate: int) -> np.ndarray:
     try:
-        data, rate = sf.read(str(path), dtype="float32", always_2d=True)
+        data, rate = sf.read(source, dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError) as err:
-        raise AudioError(path, f"cannot decode audio ({err})") from None
+        raise AudioError(name, f"cannot decode audio ({err})") from None
     if data.shape[0] == 0:
-        raise AudioError(path, "no audio samples (0 frames)")
+        raise AudioError(name, "no audio samples (0 frames)")
     if not np.isfinite(data).all():
-        raise AudioError(path, "contains NaN or infinite samples")
+        raise AudioError(name, "contains NaN or infinite samples")
     if not data.any():
-        raise AudioError(path, "silent: every sample is 0")
+        raise AudioError(name, "silent: every sample is 0")
     wave = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
     if rate != sample_rate:
         import torch  # here, not at the top: reading manifests and headers should not load torch

@@ -94,7 +94,10 @@ def evaluate(model: nn.Module, loop: dict[str, Any], config: Config) -> dict[str
 
 
 def finish(model: nn.Module, loop: dict[str, Any], config: Config, best: dict[str, Any]) -> dict[str, Any]:
-    """The kept model scored once on the fold's test utterances, on this worker's device."""
+    """The kept model scored once on the fold's test utterances, on this worker's device, with each
+    utterance's prediction (a final model, trained on every fold, has no test utterances)."""
+    if not loop["test"]:
+        return {"best_val_uar": best["score"], "test": None}
     emotions = config.data.emotions
     test = emotion_scores(model, model.heads, loop["test"], EvalLimits.of(config))
     truth = [emotions[i] for i in test["truth"]]
@@ -106,6 +109,7 @@ def finish(model: nn.Module, loop: dict[str, Any], config: Config, best: dict[st
             "uar": test["uar"],
             "confusion": confusion(truth, predicted, emotions).tolist(),
             "utterances": len(truth),
+            "predictions": {row["utt_id"]: label for row, label in zip(loop["test"], predicted, strict=True)},
         },
     }
 
