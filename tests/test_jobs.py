@@ -8,6 +8,7 @@ stopped."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -210,3 +211,107 @@ def test_the_demo_cv_runs_as_a_job_on_several_nodes_and_writes_only_to_the_outpu
     assert runs["fold-1"].data.tags["mlflow.parentRunId"] == runs["cv-gmpatl-demo"].info.run_id
     assert runs["fold-1"].data.metrics["test_uar"] == pytest.approx(stages["stage3"]["test"]["uar"], abs=1e-4)
     assert len(runs["fold-1-stage1"].data.tags["gmpatl.workers"].split()) == 2
+
+
+def start_commands(node_type: str) -> str:
+    """The node's start commands from cluster.yaml, as one shell script, without its `ray stop` (which
+    would stop every Ray on this machine, the suite's own cluster included)."""
+    import yaml
+
+    launcher = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    commands = launcher[f"{node_type}_start_ray_commands"]
+    assert commands[0] == "ray stop"
+    return "\n".join(commands[1:])
+
+
+def ray_processes_of(temp: Path) -> list:
+    import psutil
+
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        if any(str(temp) in part for part in process.info["cmdline"] or []):
+            found.append(process)
+    return found
+
+
+@pytest.mark.slow
+def test_a_head_started_as_cluster_yaml_starts_it_refuses_callers_without_the_token(tmp_path):
+    """cluster.yaml's head start command, run as the launcher runs it on a fresh node (a HOME of its own
+    holding only the token that file_mounts copies there; this test's own ports and temp dir): the job API
+    refuses `ray job list` and a plain HTTP request without the token and answers with it. Without the
+    token file the command stops before Ray starts, naming what is missing."""
+    import urllib.error
+    import urllib.request
+
+    import psutil
+
+    home = tmp_path / "home"
+    (home / ".ray").mkdir(parents=True)
+    gcs, dashboard, objects = free_port(), free_port(), free_port()
+    temp = Path(tempfile.mkdtemp(prefix="rayt", dir="/tmp"))
+    script = (
+        start_commands("head")
+        .replace("--port=6379", f"--port={gcs}")
+        .replace("--object-manager-port=8076", f"--object-manager-port={objects}")
+        .replace("--autoscaling-config=~/ray_bootstrap_config.yaml", "")  # no launcher here
+    )
+    script += (
+        f" --dashboard-port={dashboard} --dashboard-agent-listen-port={free_port()} --temp-dir={temp}"
+        " --node-ip-address=127.0.0.1 --num-cpus=0 --disable-usage-stats"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")} | {
+        "HOME": str(home),
+        "PATH": f"{BIN}:{os.environ['PATH']}",
+    }
+    try:
+        missing = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, timeout=60)
+        assert missing.returncode == 1 and "no Ray token at ~/.ray/auth_token" in missing.stderr
+        assert not ray_processes_of(temp)
+
+        import yaml
+
+        mounts = yaml.safe_load((REPO / "cluster.yaml").read_text())["file_mounts"]
+        (target,) = [
+            t for t, source in mounts.items() if "auth-token" in source
+        ]  # the token's way onto a node
+        planted = home / Path(target).relative_to("/home/ray")  # the container user's HOME
+        token = secrets.token_hex(32)
+        planted.write_text(token)
+        started = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, timeout=180)
+        assert started.returncode == 0, started.stderr[-3000:]
+        wait_for_port(dashboard, "the head's job API")
+        address = f"http://127.0.0.1:{dashboard}"
+        stranger = {**env, "HOME": str(tmp_path / "stranger")}  # a caller with no token anywhere
+        refused = subprocess.run(
+            [str(BIN / "ray"), "job", "list", "--address", address],
+            env=stranger,
+            capture_output=True,
+            text=True,
+        )
+        assert refused.returncode != 0, refused.stdout
+        with pytest.raises(urllib.error.HTTPError) as http:
+            urllib.request.urlopen(f"{address}/api/jobs/", timeout=10)
+        assert http.value.code in (401, 403)
+        client = {
+            **stranger,
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN_PATH": str(planted),
+        }
+        for _ in range(30):  # the job agent comes up after the port opens
+            allowed = subprocess.run(
+                [str(BIN / "ray"), "job", "list", "--address", address],
+                env=client,
+                capture_output=True,
+                text=True,
+            )
+            if allowed.returncode == 0:
+                break
+            time.sleep(2)
+        assert allowed.returncode == 0, allowed.stderr[-3000:]
+        output = started.stdout + started.stderr + refused.stdout + refused.stderr + allowed.stdout
+        assert token not in output  # the token is never printed
+    finally:
+        for process in ray_processes_of(temp):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
+        shutil.rmtree(temp, ignore_errors=True)
