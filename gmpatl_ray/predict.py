@@ -87,6 +87,8 @@ def resolve_model(spec: str, tracking_uri: str, into: Path) -> list[Path]:
     import mlflow
     from mlflow.exceptions import MlflowException
 
+    from .tracking import filter_value
+
     local = Path(spec).expanduser()
     if local.is_dir():
         return [local.resolve()]
@@ -100,7 +102,7 @@ def resolve_model(spec: str, tracking_uri: str, into: Path) -> list[Path]:
                 return [_download(f"runs:/{spec}/model", tracking_uri, into)]
             folds = client.search_runs(
                 [run.info.experiment_id],
-                f"tags.`mlflow.parentRunId` = '{spec}' and tags.`gmpatl.kind` = 'fold'",
+                f"tags.`mlflow.parentRunId` = {filter_value(spec)} and tags.`gmpatl.kind` = 'fold'",
             )
             if not folds:
                 raise InputError(f"--model {spec}: this CV run has no fold runs (yet) in {tracking_uri}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import pandas as pd
 
 from .errors import InputError
+from .tracking import filter_value
 
 PARAM_TAG = "gmpatl.param."
 """Tag prefix of a sweep trial's swept values (set by :mod:`gmpatl_ray.sweep`)."""
@@ -39,7 +40,7 @@ def cv_report(uri: str, experiment: str, run_id: str | None = None) -> tuple[str
         run_id = latest[0].info.run_id
     folds = client.search_runs(
         [found.experiment_id],
-        f"tags.`mlflow.parentRunId` = '{run_id}' and tags.`gmpatl.kind` = 'fold'",
+        f"tags.`mlflow.parentRunId` = {filter_value(run_id)} and tags.`gmpatl.kind` = 'fold'",
     )
     rows = [
         {
@@ -68,7 +69,7 @@ def sweep_report(uri: str, experiment: str, sweep: str) -> pd.DataFrame:
     if found is None:
         raise ReportError(f"no MLflow experiment {experiment!r} at {uri}")
     trials = client.search_runs(
-        [found.experiment_id], f"tags.`gmpatl.sweep` = '{sweep}' and tags.`gmpatl.kind` = 'cv'"
+        [found.experiment_id], f"tags.`gmpatl.sweep` = {filter_value(sweep)} and tags.`gmpatl.kind` = 'cv'"
     )
     if not trials:
         raise ReportError(f"experiment {experiment!r} at {uri} has no trials of sweep {sweep!r}")
@@ -78,7 +79,7 @@ def sweep_report(uri: str, experiment: str, sweep: str) -> pd.DataFrame:
         params = {k.removeprefix(PARAM_TAG): v for k, v in tags.items() if k.startswith(PARAM_TAG)}
         folds = client.search_runs(
             [found.experiment_id],
-            f"tags.`mlflow.parentRunId` = '{run.info.run_id}' and tags.`gmpatl.kind` = 'fold'",
+            f"tags.`mlflow.parentRunId` = {filter_value(run.info.run_id)} and tags.`gmpatl.kind` = 'fold'",
         )
         rows.append(
             {

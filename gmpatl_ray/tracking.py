@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .atomic import atomic_write_text
+from .errors import InputError
 
 SECRET_MARKERS = ("token", "password", "passwd", "secret", "key", "credential")
 RESUMED_TAG = "gmpatl.resumed"
@@ -48,6 +49,18 @@ def tracking_uri(uri: str | None, output_dir: str | Path) -> str:
         or os.environ.get("MLFLOW_TRACKING_URI")
         or f"sqlite:///{Path(output_dir).resolve() / 'mlflow.db'}"
     )
+
+
+def filter_value(value: object) -> str:
+    """``value`` as a string literal of an MLflow search filter. MLflow's filters have no escape
+    character: a value with a single quote goes in double quotes and the other way round; one with both
+    cannot be searched for and is refused."""
+    text = str(value)
+    if "'" not in text:
+        return f"'{text}'"
+    if '"' not in text:
+        return f'"{text}"'
+    raise InputError(f"{text!r}: a name with both kinds of quote cannot be searched for in MLflow")
 
 
 def is_secret_name(name: str) -> bool:
@@ -123,9 +136,10 @@ class Tracker:
         tags include ``tags``; None when there is none or the server cannot be asked."""
         if self.client is None or self.pending or (parent or "").startswith("offline-"):
             return None
-        clauses = [f"attributes.run_name = '{name}'"] + [f"tags.`{k}` = '{v}'" for k, v in tags.items()]
+        clauses = [f"attributes.run_name = {filter_value(name)}"]
+        clauses += [f"tags.`{k}` = {filter_value(v)}" for k, v in tags.items()]
         if parent:
-            clauses.append(f"tags.`mlflow.parentRunId` = '{parent}'")
+            clauses.append(f"tags.`mlflow.parentRunId` = {filter_value(parent)}")
         try:
             runs = self.client.search_runs(
                 [self.experiment_id], " and ".join(clauses), order_by=["attributes.start_time DESC"]

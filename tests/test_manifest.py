@@ -149,3 +149,18 @@ def test_strict_is_only_for_iemocap(corpus, capsys):
         == 2
     )
     assert "--strict compares against the full IEMOCAP release" in capsys.readouterr().err
+
+
+def test_session_and_fold_values_must_be_safe_names(corpus, capsys):
+    """They name report files and MLflow runs and go into MLflow filters: a path or a quote is refused at
+    `prepare`, naming its line."""
+    table = pd.read_csv(corpus / "mine.csv")
+    table["fold"] = ["1", "1", "../up", "../up", "it's", "it's"]
+    table.to_csv(corpus / "unsafe.csv", index=False)
+    out = corpus / "m.csv"
+    assert main(["prepare", "manifest", "--csv", str(corpus / "unsafe.csv"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert not out.exists()
+    assert f"{corpus / 'unsafe.csv'}:4: fold '../up' is not a safe name" in err
+    assert f"{corpus / 'unsafe.csv'}:7: fold \"it's\" is not a safe name" in err
+    assert ":2: fold" not in err and ":3: fold" not in err

@@ -70,3 +70,17 @@ def test_a_run_records_its_config_and_the_utterances_prepare_skipped(tmp_path):
     assert {a.path for a in client.list_artifacts(run)} == {"config.yaml", "manifest.skipped.txt"}
     logged = client.get_run(run).data
     assert logged.metrics["skipped_utterances"] == 2 and logged.params["config_fingerprint"]
+
+
+def test_runs_named_with_quotes_are_found_and_unsearchable_names_refused(tmp_path):
+    """MLflow filters have no escape character: a quote of one kind goes inside the other kind."""
+    from gmpatl_ray.errors import InputError
+    from gmpatl_ray.tracking import filter_value
+
+    tracker = Tracker("quotes", None, tmp_path)
+    single, double = tracker.start("cv-it's"), tracker.start('cv-a "b"', tags={"gmpatl.trial": "it's"})
+    assert tracker.find("cv-it's", None, {}) == (single, "RUNNING")
+    assert tracker.find('cv-a "b"', None, {"gmpatl.trial": "it's"}) == (double, "RUNNING")
+    assert tracker.find("cv-it", None, {}) is None
+    with pytest.raises(InputError, match="both kinds of quote cannot be searched for"):
+        filter_value("it's \"both\"")

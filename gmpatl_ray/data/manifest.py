@@ -18,6 +18,7 @@ Checks collect every problem before failing, so one run lists all broken rows in
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,9 @@ COLUMNS = ("utt_id", "path", "session", "speaker", "gender", "emotion", "duratio
 REQUIRED_INPUT_COLUMNS = ("utt_id", "path", "gender", "emotion")
 GENDERS = ("F", "M")
 MIN_DURATION_S = 0.025
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+"""What a ``session`` or ``fold`` value may be: it names report files and MLflow runs and is searched
+for in MLflow filters, so no path separators, quotes or spaces."""
 """Shorter audio gives no HuBERT frame (the CNN's receptive field is 400 samples at 16 kHz)."""
 
 
@@ -96,6 +100,17 @@ def check_manifest(manifest: pd.DataFrame, emotions: Iterable[str], where: str) 
             )
         if row.gender not in GENDERS:
             problems.append(Problem(at, f"gender {row.gender!r}, expected F or M", row.utt_id))
+        for column in ("session", "fold"):
+            value = getattr(row, column, None)
+            if value is not None and not SAFE_NAME.fullmatch(str(value)):
+                problems.append(
+                    Problem(
+                        at,
+                        f"{column} {value!r} is not a safe name: up to 64 letters, digits, '_', '.' or '-', "
+                        "starting with a letter or digit (it names files and MLflow runs)",
+                        row.utt_id,
+                    )
+                )
         if not _positive_number(row.duration_s):
             problems.append(
                 Problem(at, f"duration_s {row.duration_s!r} is not a positive number", row.utt_id)
