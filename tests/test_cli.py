@@ -21,9 +21,11 @@ REPO = Path(__file__).parent.parent
 GMPATL = Path(sys.executable).parent / "gmpatl"
 
 
-def run(*args: str, cwd: Path = REPO, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def run(
+    *args: str, cwd: Path = REPO, env: dict[str, str] | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess:
     environment = {**os.environ, **(env or {})}
-    return subprocess.run(args, cwd=cwd, env=environment, capture_output=True, text=True, timeout=300)
+    return subprocess.run(args, cwd=cwd, env=environment, capture_output=True, text=True, timeout=timeout)
 
 
 def test_console_script_and_module_agree():

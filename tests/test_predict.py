@@ -19,6 +19,7 @@ import pandas as pd
 import pytest
 import soundfile as sf
 from conftest import REPO, TINY_TRAINING, small_config
+from test_cli import run
 from test_jobs import free_port
 
 from gmpatl_ray.config import dump_config
@@ -38,11 +39,6 @@ from gmpatl_ray.predict import list_inputs, resolve_model
 
 BIN = Path(sys.executable).parent
 EMOTIONS = ["ang", "hap", "neu", "sad"]
-
-
-def run(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    environment = {**os.environ, **(env or {})}
-    return subprocess.run(args, cwd=REPO, env=environment, capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
