@@ -167,9 +167,28 @@ def test_inputs_are_files_folders_and_manifests_each_once(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(InputError, match="empty: no audio files in this folder"):
         list_inputs([str(tmp_path / "empty")])
+    (tmp_path / "none.csv").write_text("path\n")
+    with pytest.raises(InputError, match=r"none.csv: no rows"):
+        list_inputs([str(tmp_path / "none.csv")])
+    (tmp_path / "gaps.csv").write_text("path,speaker\naudio/b.wav,x\n,y\n")
+    with pytest.raises(InputError, match=r"gaps.csv: empty path on line\(s\) \[3\]"):
+        list_inputs([str(tmp_path / "gaps.csv")])
     (tmp_path / "bad.csv").write_text("file\nx.wav\n")
     with pytest.raises(InputError, match=r"bad.csv: a manifest needs a 'path' column \(it has \['file'\]\)"):
         list_inputs([str(tmp_path / "bad.csv")])
+
+
+def test_a_model_or_an_output_it_cannot_use_is_refused_naming_it(tmp_path):
+    from gmpatl_ray.config import load_config
+    from gmpatl_ray.predict import run_predict
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with pytest.raises(InputError, match="--model nonsense: not a model folder, a runs:/ or models:/ URI"):
+        resolve_model("nonsense", uri, tmp_path)
+    with pytest.raises(InputError, match="--model models:/nothing/1: MLflow at .* has no such model"):
+        resolve_model("models:/nothing/1", uri, tmp_path)
+    with pytest.raises(InputError, match=r"--out .*labels.txt: write predictions as .csv or .parquet"):
+        run_predict(load_config(None), "nonsense", [str(tmp_path)], tmp_path / "labels.txt")
 
 
 def printed_command(stdout: str) -> list[str]:
