@@ -10,6 +10,8 @@ one.
 
     .venv/bin/python benchmarks/predict.py [--size demo|base] [--files 320] [--serve]
 
+``--batching`` compares, on one CPU thread, the first 48 files scored in one call (forward passes
+batched up to ``train.eval_batch_s``) against one call per file: why CPU actors score files one by one.
 ``--serve`` times the same model served instead (``mlflow models serve --env-manager local`` on
 127.0.0.1): one 3-s WAV posted as base64, a first request and 10 more.
 
@@ -112,6 +114,7 @@ def main() -> None:
     parser.add_argument("--size", choices=["demo", "base"], default="demo")
     parser.add_argument("--files", type=int, default=320)
     parser.add_argument("--serve", action="store_true", help="time the served model instead")
+    parser.add_argument("--batching", action="store_true", help="batched vs one by one on one CPU thread")
     args = parser.parse_args()
     cores = os.cpu_count() or 1
     torch.set_num_threads(cores)
@@ -125,6 +128,22 @@ def main() -> None:
         torch.manual_seed(0)
         save_model(Stage3Model(load_backbone(config.backbone), config), here / "weights")
         folder = save_model_folder(here / "model", here / "weights", config)
+        if args.batching:
+            model = EmotionPredictor.from_model_folder(folder)
+            waves = [load_audio(path, model.sample_rate) for path in paths[:48]]
+            torch.set_num_threads(1)
+            start = time.perf_counter()
+            model.probabilities(waves)
+            batched = time.perf_counter() - start
+            start = time.perf_counter()
+            for wave in waves:
+                model.probabilities([wave])
+            alone = time.perf_counter() - start
+            print(
+                f"{len(waves)} files, {args.size} size model, 1 thread: one call {batched:.1f} s, "
+                f"one call per file {alone:.1f} s, ratio {batched / alone:.2f}x"
+            )
+            return
         if args.serve:
             up, times = served_answer_times(folder)
             rest = [round(t * 1000) for t in sorted(times[1:])]

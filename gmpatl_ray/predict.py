@@ -171,8 +171,8 @@ def decode_files(batch: dict[str, np.ndarray], sample_rate: int, min_samples: in
 class ModelActor:
     """A Ray Data actor: the model (or the ensemble) on its device; decoded files -> probabilities. On a
     GPU a call's files share forward passes (up to ``train.eval_batch_s`` of audio each); on a CPU each
-    file is a pass of its own, which is faster there (48 demo files, HuBERT base size, one thread: 16.9 s
-    one by one against 28.7 s batched), as extraction found for its batches."""
+    file is a pass of its own, which is faster there (about twice, `benchmarks/predict.py --batching`), as
+    extraction found for its batches."""
 
     def __init__(self, folders: list[str], device: str, threads: int, window_s: float):
         import torch
