@@ -225,7 +225,7 @@ def predict_files(paths: list[str], folders: list[Path], settings: PredictConfig
     import ray
 
     from .devices import actor_plan
-    from .inference import probability_columns
+    from .inference import probability_columns, result_table
 
     emotions, sample_rate, min_samples = model_signature(folders)
     headers = (
@@ -280,8 +280,8 @@ def predict_files(paths: list[str], folders: list[Path], settings: PredictConfig
         raise PredictionInputError(problems)
     scored = scored[scored["error"] == ""].set_index("path")
     order = [p for p in paths if p in scored.index]
-    table = scored.loc[order, columns].reset_index()
-    table.insert(1, "emotion", [emotions[i] for i in table[columns].to_numpy().argmax(-1)] if order else [])
+    table = result_table(scored.loc[order, columns].to_numpy(), emotions)
+    table.insert(0, "path", order)
     return Predictions(table, sorted(problems), len(folders))
 
 
