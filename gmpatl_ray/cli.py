@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 from pathlib import Path
 
 from .atomic import atomic_write_text
 from .config import Config, dump_config, load_config, with_absolute_paths
 from .errors import InputError
+from .redact import REDACTED, scrub, scrubbed_console
 
 EXIT_BAD_INPUT = 2
 
@@ -151,6 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
         "tracking-sync", help="send to MLflow what waited out a tracking outage in tracking-offline files"
     )
     sync.add_argument("files", nargs="+", type=Path, help="<output_dir>/tracking-offline/*.jsonl")
+    sync.add_argument(
+        "--uri",
+        help="the MLflow server the files' records are for (default: MLFLOW_TRACKING_URI, else the embedded "
+        "store of the output folder each file is in); never taken from the file",
+    )
 
     show = commands.add_parser("config", help="print the fully resolved config (defaults filled in)")
     _config_args(show)
@@ -289,14 +296,25 @@ def cmd_cv(args: argparse.Namespace) -> int:
     print(table.to_markdown(index=False, floatfmt=".4f"))
     print(
         f"mean WAR {table['war'].mean():.1%} (std {table['war'].std(ddof=0):.1%})  "
-        f"mean UAR {table['uar'].mean():.1%} (std {table['uar'].std(ddof=0):.1%})  MLflow: {tracker.uri}"
+        f"mean UAR {table['uar'].mean():.1%} (std {table['uar'].std(ddof=0):.1%})  MLflow: {tracker.server}"
     )
+    print(f"tables and figures: {table.attrs['reports']}")
     run = table.attrs["mlflow_run"]
     if config.tracking.log_model and not run.startswith("offline-"):
         count = f"{len(chosen)} fold model(s)" + (" (an ensemble)" if len(chosen) > 1 else "")
         print(f"Label new audio with this CV's {count}, for instance fold {chosen[0]}'s session:")
         print("  " + _predict_command(args, run, config, _example_input(config, chosen[0])))
+        _credentials_note(tracker)
     return 0
+
+
+def _credentials_note(tracker) -> None:
+    """Commands printed with the tracking URI's credentials redacted need them back to run."""
+    if tracker.server != tracker.uri:
+        print(
+            f"  ({REDACTED} marks the tracking URI's credentials, left out: put them back, or give them in "
+            "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD)"
+        )
 
 
 def _predict_command(args: argparse.Namespace, model: str, config: Config, inputs: str) -> str:
@@ -344,7 +362,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     tracker = Tracker(config.tracking.experiment, config.tracking.uri, config.experiment.output_dir)
     final = run_final(config, manifest, ArtifactCache(config.experiment.cache_dir), tracker)
     print(
-        f"final model: best validation UAR {final.best_val_uar:.1%}; MLflow run {final.run} at {tracker.uri}"
+        f"final model: best validation UAR {final.best_val_uar:.1%}; "
+        f"MLflow run {final.run} at {tracker.server}"
     )
     if final.model is None:
         return 0
@@ -365,7 +384,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     print("Serve it over HTTP (POST /invocations, README 'Use a trained model'):")
     serve = f"mlflow models serve -m {uri} --env-manager local -h 127.0.0.1 -p 5001"
     bin_dir = Path(sys.executable).parent  # MLflow starts uvicorn from the PATH: this environment's
-    print(f"  PATH={shlex.quote(str(bin_dir))}:$PATH MLFLOW_TRACKING_URI={shlex.quote(tracker.uri)} {serve}")
+    environment = f"PATH={shlex.quote(str(bin_dir))}:$PATH MLFLOW_TRACKING_URI={shlex.quote(tracker.server)}"
+    print(f"  {environment} {serve}")
+    _credentials_note(tracker)
     return 0
 
 
@@ -431,11 +452,11 @@ def cmd_report(args: argparse.Namespace) -> int:
     experiment = args.experiment or config.tracking.experiment
     if args.sweep:
         table = sweep_report(uri, experiment, args.sweep)
-        print(f"sweep {args.sweep!r} in experiment {experiment!r} at {uri}: {len(table)} trial(s)")
+        print(f"sweep {args.sweep!r} in experiment {experiment!r} at {scrub(uri)}: {len(table)} trial(s)")
         print(format_sweep(table))
     else:
         run_id, table = cv_report(uri, experiment, args.run)
-        print(f"CV run {run_id} in experiment {experiment!r} at {uri}")
+        print(f"CV run {run_id} in experiment {experiment!r} at {scrub(uri)}")
         print(format_report(table))
     if args.csv:
         atomic_write_text(args.csv, table.to_csv(index=False, float_format="%.4f"))
@@ -463,18 +484,27 @@ def cmd_verify_cache(args: argparse.Namespace) -> int:
 def cmd_tracking_sync(args: argparse.Namespace) -> int:
     from .tracking import Tracker
 
-    waiting = 0
+    refused, waiting = 0, 0
     for path in args.files:
-        if not path.is_file():
-            raise InputError(f"{path}: no such tracking-offline file (already sent?)")
-        tracker = Tracker.from_offline_file(path)
+        try:
+            tracker = Tracker.from_offline_file(path, args.uri)
+        except InputError as err:  # this file is refused; the others are still sent
+            print(f"gmpatl tracking-sync: error: {err}", file=sys.stderr)
+            refused += 1
+            continue
         count = len(tracker.pending)
+        print(f"{path}: sending {count} record(s) to MLflow at {tracker.server}", flush=True)
         if tracker.flush():
-            print(f"{path}: sent {count} record(s) to {tracker.uri}")
+            refused = tracker.refused
+            kept = f"; {refused} refused, kept in {tracker.queue.dead_letter}" if refused else ""
+            print(f"{path}: sent {count - refused} record(s) to {tracker.server}{kept}")
         else:
             waiting += 1
-            print(f"{path}: {tracker.uri} is still unreachable; {len(tracker.pending)} record(s) wait")
-    return 1 if waiting else 0
+            print(
+                f"{path}: {tracker.server} does not take them ({tracker.last_error}); "
+                f"{len(tracker.pending)} record(s) wait in {tracker.offline}"
+            )
+    return EXIT_BAD_INPUT if refused else 1 if waiting else 0
 
 
 def cmd_config(args: argparse.Namespace) -> int:
@@ -499,12 +529,20 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return COMMANDS[args.command](args)
-    except (InputError, FileExistsError) as err:
-        print(f"gmpatl {args.command}: error: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    """Run one subcommand with everything it prints scrubbed of secrets, tracebacks included."""
+    with scrubbed_console():
+        args = build_parser().parse_args(argv)
+        try:
+            return COMMANDS[args.command](args)
+        except (InputError, FileExistsError) as err:
+            print(f"gmpatl {args.command}: error: {err}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        except Exception:
+            traceback.print_exc()
+            return 1
+        except KeyboardInterrupt:
+            traceback.print_exc()
+            return 130
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import InputError
+from .redact import REDACTED, is_secret_name, scrub, scrub_tree
 
 PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
@@ -476,16 +477,25 @@ def _format_errors(source: str, err: ValidationError) -> str:
     for e in err.errors():
         field = ".".join(str(p) for p in e["loc"]) or "(top level)"
         whole_section = e["type"] == "value_error" and isinstance(e["input"], dict)  # a cross-field check
-        got = "" if e["type"] == "missing" or whole_section else f" (got {e['input']!r})"
+        hidden = e["type"] == "missing" or whole_section or is_secret_name(field)
+        got = "" if hidden else f" (got {e['input']!r})"
         lines.append(f"  {field}: {e['msg']}{got}")
-    return "\n".join(lines)
+    return scrub("\n".join(lines))
+
+
+def _shown_override(override: str) -> str:
+    """An override as an error message may echo it: a secret-named field's value hidden, URLs scrubbed."""
+    key, sep, value = override.partition("=")
+    return f"{key}={REDACTED}" if sep and is_secret_name(key) else scrub(override)
 
 
 def apply_override(raw: dict[str, Any], override: str) -> None:
     """Apply one ``section.key=value`` override in place; the value is YAML (``0.8``, ``[64, 512]``)."""
     key, sep, value = override.partition("=")
     if not sep or not key.strip():
-        raise ConfigError(f"override {override!r}: expected FIELD=VALUE, e.g. stage1.alpha_e=0.8")
+        raise ConfigError(
+            f"override {_shown_override(override)!r}: expected FIELD=VALUE, e.g. stage1.alpha_e=0.8"
+        )
     set_field(raw, key.strip(), _parse_yaml(value))
 
 
@@ -523,7 +533,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     for override in overrides:
         apply_override(raw, override)
     if overrides:
-        source += " with --set " + " ".join(overrides)
+        source += " with --set " + " ".join(map(_shown_override, overrides))
     return config_from_dict(raw, source)
 
 
@@ -597,6 +607,8 @@ def with_absolute_paths(config: Config, refuse_relative: str | None = None) -> C
     return config_from_dict(raw, "<config with absolute paths>")
 
 
-def dump_config(config: Config) -> str:
-    """The fully resolved config as YAML (defaults filled in), e.g. to log it or start a new experiment."""
-    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+def dump_config(config: Config, redacted: bool = False) -> str:
+    """The fully resolved config as YAML (defaults filled in), e.g. to start a new experiment; ``redacted``:
+    without secrets (:func:`gmpatl_ray.redact.scrub_tree`), as it is logged."""
+    tree = config.model_dump(mode="json")
+    return yaml.safe_dump(scrub_tree(tree) if redacted else tree, sort_keys=False)

@@ -266,7 +266,7 @@ def save_model_folder(folder: str | Path, weights: Path, config: Config) -> Path
     work = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
     try:
         config_file = work / "config.yaml"
-        config_file.write_text(dump_config(config))
+        config_file.write_text(dump_config(config, redacted=True))  # it travels with the model
         shutil.copytree(weights, work / WEIGHTS, copy_function=_link_or_copy)  # its name in the model
         example = pd.DataFrame(
             {"audio": [wav_base64(example_wave(config.data.sample_rate), config.data.sample_rate)]}

@@ -26,6 +26,7 @@ from .features import extract_features
 from .gmp import build_gmps_on_cluster
 from .inference import save_model_folder
 from .plots import confusion_plot, training_curves
+from .redact import scrub_tree
 from .stages.stage1 import run_stage1
 from .stages.stage2 import run_stage2
 from .stages.stage3 import run_stage3
@@ -117,10 +118,10 @@ def run_cv(
     Returns the per-fold table; its ``attrs["mlflow_run"]`` is the parent run's id."""
     config = resolve_devices(config)  # once, so no fold (or trial) decides by the cluster of the moment
     emotions = config.data.emotions
-    reports = Path(config.experiment.output_dir) / "reports"
     resolved = run_identity(config)
     name = run_name or f"cv-{config.experiment.name}"
     parent, resuming = _parent_run(tracker, name, resolved, tags or {}, unique_name)
+    reports = reports_folder(config, tracker, parent)
     track_inputs(tracker, parent, config, resolved, reports)
     rows, total = [], np.zeros((len(emotions), len(emotions)), dtype=int)
     run = parent
@@ -173,25 +174,36 @@ def run_cv(
     tracker.end(parent)
     tracker.flush()  # a last try for anything that waited out a tracking outage
     table.attrs["mlflow_run"] = tracker.ids.get(parent, parent)
+    table.attrs["reports"] = reports
     return table
+
+
+def reports_folder(config: Config, tracker: Tracker, run: str) -> Path:
+    """Where a CV's (or final model's) tables and figures are written before they are logged:
+    ``<output_dir>/reports/<run id>`` (the ``offline-`` handle of a run started while MLflow was away), a
+    folder of the run's own, so runs side by side on one output folder (sweep trials, two users' CVs) never
+    upload each other's files."""
+    return Path(config.experiment.output_dir) / "reports" / tracker.ids.get(run, run)
 
 
 def run_identity(config: Config) -> dict[str, Any]:
     """The config as a CV or final run records it (params, and the fingerprint an interrupted run is
     resumed by): everything but the sweep (a trial's own values are in it) and ``predict``, which only
-    ``gmpatl predict`` reads."""
-    return config.model_dump(mode="json", exclude={"sweep", "predict"})
+    ``gmpatl predict`` reads; without secrets, so none is logged and a changed password is the same run."""
+    return scrub_tree(config.model_dump(mode="json", exclude={"sweep", "predict"}))
 
 
 def track_inputs(tracker: Tracker, run: str, config: Config, resolved: dict, reports: Path) -> None:
-    """What a CV run was given: the flattened config and its fingerprint, ``config.yaml``, and the list of
-    utterances ``prepare --on-error skip`` left out of the manifest (so a run's data gaps travel with it)."""
+    """What a CV run was given: the flattened config and its fingerprint, ``config.yaml`` (both without
+    secrets), and the list of utterances ``prepare --on-error skip`` left out of the manifest (so a run's
+    data gaps travel with it), copied into the run's reports first like everything a run logs."""
     tracker.params(run, flatten(resolved) | {"config_fingerprint": fingerprint(resolved)})
-    tracker.artifact(run, _write(reports / "config.yaml", dump_config(config)))
+    tracker.artifact(run, _write(reports / "config.yaml", dump_config(config, redacted=True)))
     skipped = skipped_list_path(Path(config.data.manifest))
     if skipped.is_file():
-        tracker.artifact(run, skipped)
-        tracker.metrics(run, {"skipped_utterances": len(skipped.read_text().splitlines())})
+        lines = skipped.read_text()
+        tracker.artifact(run, _write(reports / skipped.name, lines))
+        tracker.metrics(run, {"skipped_utterances": len(lines.splitlines())})
 
 
 def _parent_run(
@@ -324,9 +336,9 @@ def run_final(config: Config, manifest: pd.DataFrame, cache: ArtifactCache, trac
     registered as a new version of ``tracking.register_model`` when set. An interrupted run of the same
     config is resumed, as a CV's is."""
     config = resolve_devices(config)
-    reports = Path(config.experiment.output_dir) / "reports"
     resolved = run_identity(config)
     run, resuming = _parent_run(tracker, f"final-{config.experiment.name}", resolved, {}, False, "final")
+    reports = reports_folder(config, tracker, run)
     track_inputs(tracker, run, config, resolved, reports)
     try:
         split = final_split(config, manifest)

@@ -30,6 +30,7 @@ from .config import Config, PredictConfig
 from .data.audio import AudioError, audio_info, load_audio
 from .errors import InputError
 from .features import CPU_ACTOR_SHARE, IO_TASK_CPUS, ROWS_PER_CALL, block_count, dataset_in_blocks
+from .redact import scrub
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".mp3", ".aiff", ".aif", ".au", ".w64", ".caf")
 """What a folder is searched for (formats libsndfile decodes)."""
@@ -105,12 +106,13 @@ def resolve_model(spec: str, tracking_uri: str, into: Path) -> list[Path]:
                 f"tags.`mlflow.parentRunId` = {filter_value(spec)} and tags.`gmpatl.kind` = 'fold'",
             )
             if not folds:
-                raise InputError(f"--model {spec}: this CV run has no fold runs (yet) in {tracking_uri}")
+                where = scrub(tracking_uri)
+                raise InputError(f"--model {spec}: this CV run has no fold runs (yet) in {where}")
             folds = sorted(folds, key=lambda r: r.data.tags.get("gmpatl.fold", ""))
             return [_download(f"runs:/{r.info.run_id}/model", tracking_uri, into) for r in folds]
     except MlflowException as err:
         raise InputError(
-            f"--model {spec}: MLflow at {tracking_uri} has no such model ({err.message})"
+            f"--model {spec}: MLflow at {scrub(tracking_uri)} has no such model ({err.message})"
         ) from None
     raise InputError(f"--model {spec}: not a model folder, a runs:/ or models:/ URI, or an MLflow run id")
 

@@ -39,6 +39,15 @@ def small_config(folder: Path, *overrides: str):
     )
 
 
+def cv_results(output_dir: Path):
+    """The per-fold table of the one CV run that wrote into ``output_dir`` (its reports folder, named by
+    its MLflow run id)."""
+    import pandas as pd
+
+    [table] = (Path(output_dir) / "reports").glob("*/cv_results.csv")
+    return pd.read_csv(table, keep_default_na=False)
+
+
 TINY_TRAINING = [
     "train.max_failures=0",
     "train.val_fraction=0.25",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -26,6 +27,11 @@ def run(
 ) -> subprocess.CompletedProcess:
     environment = {**os.environ, **(env or {})}
     return subprocess.run(args, cwd=cwd, env=environment, capture_output=True, text=True, timeout=timeout)
+
+
+def table_run(stdout: str) -> str:
+    """The run id naming the reports folder a `gmpatl cv` printed."""
+    return Path(re.search(r"^tables and figures: (\S+)$", stdout, re.MULTILINE).group(1)).name
 
 
 def test_console_script_and_module_agree():
@@ -162,7 +168,7 @@ def test_cv_runs_the_folds_and_tracks_them_in_mlflow(trained_fold, tracked_cv, t
     _, trained = trained_fold
     config_file, out, result = tracked_cv["config"], tracked_cv["out"], tracked_cv["result"]
     assert "fold 1: WAR" in result.stdout and "mean UAR" in result.stdout
-    table = pd.read_csv(out / "reports" / "cv_results.csv")
+    table = pd.read_csv(out / "reports" / table_run(result.stdout) / "cv_results.csv")
     assert table["fold"].tolist() == [1] and table["uar"].tolist() == pytest.approx([trained.uar], abs=1e-4)
     assert table["reused"].tolist() == ["stage1,features,gmps,stage2,stage3"]
 
@@ -170,6 +176,7 @@ def test_cv_runs_the_folds_and_tracks_them_in_mlflow(trained_fold, tracked_cv, t
     experiment = client.get_experiment_by_name("cv-test")
     runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
     parent = runs["cv-gmpatl-demo"]
+    assert table_run(result.stdout) == parent.info.run_id  # the run's reports are in a folder of its own
     assert sorted(runs) == ["cv-gmpatl-demo", "fold-1", "fold-1-stage1", "fold-1-stage2", "fold-1-stage3"]
     assert runs["fold-1"].data.tags["mlflow.parentRunId"] == parent.info.run_id
     assert parent.data.metrics["mean_uar"] == pytest.approx(table["uar"].mean())
@@ -241,3 +248,4 @@ def test_tracking_sync_of_a_missing_file_exits_2_naming_it(tmp_path):
     result = run(str(GMPATL), "tracking-sync", str(missing))
     assert result.returncode == 2
     assert f"{missing}: no such tracking-offline file (already sent?)" in result.stderr
+

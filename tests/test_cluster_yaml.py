@@ -5,6 +5,7 @@ private; the Dockerfile installs constraints-gpu.txt, which resolves as it is an
 with the CPU lock the suite runs on."""
 
 import copy
+import json
 import re
 import subprocess
 import sys
@@ -111,3 +112,48 @@ def test_the_images_install_line_resolves_to_exactly_the_gpu_lock():
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "pins resolve as they are" in result.stdout
+
+
+def test_the_launcher_makes_no_security_group_or_instance_role_of_its_own(cluster, monkeypatch):
+    """Ray's own AWS bootstrap steps, run on the config: with the group named for every node type it makes
+    none (the group Ray makes allows SSH from 0.0.0.0/0), and with the head's instance profile named it
+    attaches no default role (EC2 and S3 full access). Either would call AWS, which fails here."""
+    from ray.autoscaler._private.aws.config import _configure_iam_role, _configure_security_group
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "none")  # any call that got through would be refused
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "none")
+    config = prepare_config(copy.deepcopy(cluster))
+    assert _configure_security_group(copy.deepcopy(config)) == config
+    assert _configure_iam_role(copy.deepcopy(config)) == config
+    nodes = cluster["available_node_types"]
+    groups = {tuple(node["node_config"]["SecurityGroupIds"]) for node in nodes.values()}
+    assert groups == {("sg-SET-ME",)} and "security_group" not in cluster["provider"]
+    workers = [node for name, node in nodes.items() if name != cluster["head_node_type"]]
+    assert all("IamInstanceProfile" not in node["node_config"] for node in workers)
+
+
+def test_the_heads_policy_can_only_touch_the_clusters_own_instances(cluster):
+    """EC2 calls only; instances launched must carry the cluster's tag, tags are set at launch or on the
+    cluster's instances only (so no other instance can be tagged into the cluster), and stop, start and
+    terminate need the tag."""
+    policy = json.loads((REPO / "cluster-head-policy.json").read_text())
+    statements = policy["Statement"]
+    actions = [
+        a for st in statements for a in ([st["Action"]] if isinstance(st["Action"], str) else st["Action"])
+    ]
+    assert all(a.startswith("ec2:") and "*" not in a for a in actions)  # no S3, no IAM, no wildcard
+    cluster_tag = {"StringEquals": {"ec2:ResourceTag/ray-cluster-name": cluster["cluster_name"]}}
+    for statement in statements:
+        named = {statement["Action"]} if isinstance(statement["Action"], str) else set(statement["Action"])
+        if named & {"ec2:TerminateInstances", "ec2:StopInstances", "ec2:StartInstances"}:
+            assert statement["Condition"] == cluster_tag
+        if "ec2:CreateTags" in named:
+            assert statement["Condition"] in (
+                cluster_tag,
+                {"StringEquals": {"ec2:CreateAction": "RunInstances"}},
+            )
+        if "ec2:RunInstances" in named and statement.get("Resource") == "arn:aws:ec2:*:*:instance/*":
+            tag = statement["Condition"]["StringEquals"]["aws:RequestTag/ray-cluster-name"]
+            assert tag == cluster["cluster_name"]
+        if "ec2:RunInstances" in named and "Resource" not in statement:
+            assert statement["NotResource"] == "arn:aws:ec2:*:*:instance/*"

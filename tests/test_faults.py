@@ -13,19 +13,15 @@ import re
 import signal
 import subprocess
 import threading
-import time
-import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 
-import pandas as pd
 import psutil
 import pytest
 import torch
-from conftest import DDP_TRAINING, TINY_TRAINING, small_config
+from conftest import DDP_TRAINING, TINY_TRAINING, cv_results, small_config
 from mlflow import MlflowClient
+from processes import MlflowServer, kill_group, start_group, wait_for
 from test_cli import GMPATL, run
-from test_jobs import BIN, free_port
 
 from gmpatl_ray.artifacts import ArtifactCache, file_sha256
 from gmpatl_ray.config import dump_config
@@ -39,16 +35,6 @@ from gmpatl_ray.training import saved_weights
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
 
 TRAIN_WORKER = "RayTrainWorker"
-
-
-def wait_for(what: str, check: Callable[[], object], timeout: float = 240) -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = check()
-        if found:
-            return found
-        time.sleep(0.1)
-    pytest.fail(f"timed out after {timeout} s waiting for {what}")
 
 
 def checkpoints(storage: Path, stage: str) -> list[str]:
@@ -193,30 +179,6 @@ def test_a_worker_killed_in_stage2_is_replaced_and_the_stage_ends_as_if_it_was_n
     assert run_folders(tmp_path / "ray") == []
 
 
-def start_group(args: list[str], **kwargs) -> subprocess.Popen:
-    """A process in its own process group: killing the group is the machine going away under it (the
-    driver and the local Ray cluster it started)."""
-    return subprocess.Popen(args, start_new_session=True, text=True, **kwargs)
-
-
-def kill_group(proc: subprocess.Popen) -> None:
-    """SIGKILL the process group and every process descended from its leader: Ray starts some of its
-    processes (the train workers among them) outside the group, and those would otherwise go on training
-    and checkpointing after "the machine went away", racing the rerun."""
-    try:
-        family = psutil.Process(proc.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        family = []
-    os.killpg(proc.pid, signal.SIGKILL)
-    for member in family:
-        try:
-            member.kill()
-        except psutil.NoSuchProcess:
-            continue
-    psutil.wait_procs(family, timeout=30)
-    proc.wait(timeout=30)
-
-
 def runs_by_name(client: MlflowClient, experiment: str) -> dict[str, list]:
     found = client.get_experiment_by_name(experiment)
     by_name: dict[str, list] = {}
@@ -264,7 +226,7 @@ def test_a_killed_cv_driver_reruns_into_the_same_runs_and_resumes_the_stage(
 
     result = run(*command)
     assert result.returncode == 0, result.stderr[-3000:]
-    table = pd.read_csv(tmp_path / "out" / "reports" / "cv_results.csv", keep_default_na=False)
+    table = cv_results(tmp_path / "out")
     assert table["reused"].tolist() == ["stage1,stage3", ""]  # fold 1 is not recomputed
     assert run_folders(tmp_path / "ray") == []
 
@@ -294,36 +256,10 @@ def test_a_killed_cv_driver_reruns_into_the_same_runs_and_resumes_the_stage(
 
 @pytest.fixture
 def mlflow_server(tmp_path):
-    """A real MLflow tracking server on 127.0.0.1 that the test can stop and start again (same port,
-    same store)."""
-    port = free_port()
-    store = f"sqlite:///{tmp_path / 'server.db'}"
-    running: list[subprocess.Popen] = []
-
-    def healthy() -> bool:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as answer:
-                return answer.status == 200
-        except OSError:
-            return False
-
-    def start() -> None:
-        args = ["server", "--host", "127.0.0.1", "--port", str(port), "--backend-store-uri", store]
-        running.append(
-            start_group(
-                [str(BIN / "mlflow"), *args, "--workers", "1"],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-        )
-        wait_for("the MLflow server", healthy, timeout=120)
-
-    def stop() -> None:
-        kill_group(running.pop())
-
-    yield f"http://127.0.0.1:{port}", start, stop
-    while running:
-        stop()
+    """A real MLflow tracking server on 127.0.0.1 that the test can stop and start again."""
+    server = MlflowServer(tmp_path)
+    yield server.uri, server.start, server.stop
+    server.stop_all()
 
 
 def test_what_is_logged_while_the_tracking_server_is_down_reaches_it_later(
@@ -387,13 +323,28 @@ def test_what_is_logged_while_the_tracking_server_is_down_reaches_it_later(
     assert sent_child.data.tags["mlflow.parentRunId"] == run_id and sent_child.data.metrics == {"acc": 0.5}
     assert not tracker.offline.exists()
 
-    sync = run(str(GMPATL), "tracking-sync", str(waiting), env=fail_fast)
-    assert sync.returncode == 0 and "sent" in sync.stdout, sync.stdout + sync.stderr
-    assert not waiting.exists()
+    stop()  # a second outage: a new queue file, whose records name the child by its old handle
+    grandchild = tracker.start("grandchild", parent=child)
+    tracker.metrics(grandchild, {"acc": 0.75})
+    os.close(tracker.queue.fd)  # the process dies
+    start()
+    again = Tracker.from_offline_file(tracker.offline, uri)
+    assert again.flush() and again.refused == 0
+    [sent_grandchild] = runs_by_name(client, "in-process")["grandchild"]
+    assert sent_grandchild.data.tags["mlflow.parentRunId"] == sent_child.info.run_id
+
+    refused = run(str(GMPATL), "tracking-sync", str(waiting), env=fail_fast)  # to the default store: no
+    assert refused.returncode == 2 and waiting.is_file()
+    assert f"{waiting}: its records are for MLflow at {uri}, not sqlite:///" in refused.stderr
+    sync = run(str(GMPATL), "tracking-sync", "--uri", uri, str(waiting), env=fail_fast)
+    assert sync.returncode == 0, sync.stdout + sync.stderr
+    sending = re.search(rf"sending (\d+) record\(s\) to MLflow at {uri}\n", sync.stdout)
+    assert sending and f": sent {sending.group(1)} record(s) to {uri}\n" in sync.stdout, sync.stdout
+    assert not waiting.exists() and not list(waiting.parent.glob("*.sending"))
     runs = runs_by_name(client, "outage")
     assert sorted(runs) == ["cv-gmpatl-demo", "fold-1", "fold-1-stage1", "fold-1-stage3"]
     assert all(len(found) == 1 and found[0].info.status == "FINISHED" for found in runs.values()), runs
-    table = pd.read_csv(tmp_path / "out" / "reports" / "cv_results.csv")
+    table = cv_results(tmp_path / "out")
     assert runs["fold-1"][0].data.metrics["test_uar"] == pytest.approx(table["uar"][0], abs=1e-4)
     assert runs["cv-gmpatl-demo"][0].data.metrics["mean_uar"] == pytest.approx(table["uar"][0], abs=1e-4)
     stage1_loss = client.get_metric_history(runs["fold-1-stage1"][0].info.run_id, "train_loss")

@@ -24,18 +24,11 @@ from pathlib import Path
 import pytest
 from conftest import REPO, small_config
 from mlflow import MlflowClient
+from processes import BIN, free_port
 
 from gmpatl_ray.config import dump_config
 
 pytestmark = pytest.mark.slow
-
-BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_node(*args: str, temp: Path, env: dict[str, str]) -> subprocess.Popen:
@@ -235,20 +228,23 @@ def ray_processes_of(temp: Path) -> list:
 
 
 @pytest.mark.slow
-def test_a_head_started_as_cluster_yaml_starts_it_refuses_callers_without_the_token(tmp_path):
-    """cluster.yaml's head start command, run as the launcher runs it on a fresh node (a HOME of its own
-    holding only the token that file_mounts copies there; this test's own ports and temp dir): the job API
-    refuses `ray job list` and a plain HTTP request without the token and answers with it. Without the
-    token file the command stops before Ray starts, naming what is missing."""
+def test_a_cluster_started_as_cluster_yaml_starts_it_refuses_callers_without_the_token(tmp_path):
+    """cluster.yaml's head and worker start commands, run as the launcher runs them on fresh nodes (HOMEs
+    of their own holding only the token that file_mounts copies there; this test's own ports and temp
+    dirs): the job API refuses `ray job list` and a plain HTTP request without the token, and the GCS a
+    driver without it; with the token both answer, and the worker has joined. Without the token file
+    either command stops before Ray starts, naming what is missing."""
     import urllib.error
     import urllib.request
 
     import psutil
 
-    home = tmp_path / "home"
+    home, worker_home = tmp_path / "home", tmp_path / "worker"
     (home / ".ray").mkdir(parents=True)
+    (worker_home / ".ray").mkdir(parents=True)
     gcs, dashboard, objects = free_port(), free_port(), free_port()
     temp = Path(tempfile.mkdtemp(prefix="rayt", dir="/tmp"))
+    worker_temp = Path(tempfile.mkdtemp(prefix="rayw", dir="/tmp"))
     script = (
         start_commands("head")
         .replace("--port=6379", f"--port={gcs}")
@@ -259,14 +255,27 @@ def test_a_head_started_as_cluster_yaml_starts_it_refuses_callers_without_the_to
         f" --dashboard-port={dashboard} --dashboard-agent-listen-port={free_port()} --temp-dir={temp}"
         " --node-ip-address=127.0.0.1 --num-cpus=0 --disable-usage-stats"
     )
+    worker_script = (
+        start_commands("worker")
+        .replace("$RAY_HEAD_IP:6379", f"127.0.0.1:{gcs}")
+        .replace("--object-manager-port=8076", f"--object-manager-port={free_port()}")
+    )
+    worker_script += (
+        f" --dashboard-agent-listen-port={free_port()} --temp-dir={worker_temp}"
+        " --node-ip-address=127.0.0.1 --num-cpus=1 --disable-usage-stats"
+    )
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")} | {
         "HOME": str(home),
         "PATH": f"{BIN}:{os.environ['PATH']}",
     }
+    worker_env = {**env, "HOME": str(worker_home)}
     try:
-        missing = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, timeout=60)
-        assert missing.returncode == 1 and "no Ray token at ~/.ray/auth_token" in missing.stderr
-        assert not ray_processes_of(temp)
+        for command, environment in ((script, env), (worker_script, worker_env)):
+            missing = subprocess.run(
+                ["bash", "-c", command], env=environment, capture_output=True, text=True, timeout=60
+            )
+            assert missing.returncode == 1 and "no Ray token at ~/.ray/auth_token" in missing.stderr
+        assert not ray_processes_of(temp) and not ray_processes_of(worker_temp)
 
         import yaml
 
@@ -308,10 +317,29 @@ def test_a_head_started_as_cluster_yaml_starts_it_refuses_callers_without_the_to
                 break
             time.sleep(2)
         assert allowed.returncode == 0, allowed.stderr[-3000:]
+        driver = "import ray; ray.init(); print(len(ray.nodes()))"
+        refused_driver = subprocess.run(
+            [sys.executable, "-c", driver],
+            env={**stranger, "RAY_ADDRESS": f"127.0.0.1:{gcs}"},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert refused_driver.returncode != 0, refused_driver.stdout
+        assert "auth" in refused_driver.stderr.lower(), refused_driver.stderr[-2000:]  # refused, not broken
+
+        (worker_home / Path(target).relative_to("/home/ray")).write_text(token)  # file_mounts, on the worker
+        joined = subprocess.run(
+            ["bash", "-c", worker_script], env=worker_env, capture_output=True, text=True, timeout=180
+        )
+        assert joined.returncode == 0, joined.stderr[-3000:]
+        wait_for_nodes(f"127.0.0.1:{gcs}", client, 2)
         output = started.stdout + started.stderr + refused.stdout + refused.stderr + allowed.stdout
+        output += joined.stdout + joined.stderr + refused_driver.stdout + refused_driver.stderr
         assert token not in output  # the token is never printed
     finally:
-        for process in ray_processes_of(temp):
+        for process in ray_processes_of(temp) + ray_processes_of(worker_temp):
             with contextlib.suppress(psutil.NoSuchProcess):
                 process.kill()
         shutil.rmtree(temp, ignore_errors=True)
+        shutil.rmtree(worker_temp, ignore_errors=True)

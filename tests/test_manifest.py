@@ -162,5 +162,5 @@ def test_session_and_fold_values_must_be_safe_names(corpus, capsys):
     err = capsys.readouterr().err
     assert not out.exists()
     assert f"{corpus / 'unsafe.csv'}:4: fold '../up' is not a safe name" in err
-    assert f"{corpus / 'unsafe.csv'}:7: fold \"it's\" is not a safe name" in err
+    assert f'{corpus / "unsafe.csv"}:7: fold "it\'s" is not a safe name' in err
     assert ":2: fold" not in err and ":3: fold" not in err

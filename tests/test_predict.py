@@ -19,8 +19,8 @@ import pandas as pd
 import pytest
 import soundfile as sf
 from conftest import REPO, TINY_TRAINING, small_config
+from processes import free_port
 from test_cli import run
-from test_jobs import free_port
 
 from gmpatl_ray.config import dump_config
 from gmpatl_ray.data.audio import load_audio

@@ -12,8 +12,9 @@ import subprocess
 import pytest
 from conftest import REPO, TINY_TRAINING, small_config
 from mlflow import MlflowClient
+from processes import kill_group, start_group, wait_for
 from test_cli import GMPATL, run
-from test_faults import kill_group, runs_by_name, start_group, wait_for
+from test_faults import runs_by_name
 
 from gmpatl_ray.config import ConfigError, dump_config, load_config
 from gmpatl_ray.sweep import DEVICES_FILE, run_sweep, sweep_devices, trial_config

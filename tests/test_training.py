@@ -15,6 +15,7 @@ import soundfile as sf
 import torch
 import torch.multiprocessing as mp
 from conftest import TINY_TRAINING, small_config
+from processes import free_port
 
 from gmpatl_ray.cv import fold_split
 from gmpatl_ray.data.audio import AudioError
@@ -132,12 +133,6 @@ def stage2_case(folder: Path, rank: int) -> tuple:
         labels[torch.arange(labels.shape[1])[None, :] >= frames[:, None]] = -100
         batch[f"k{k}"] = labels
     return config, batch
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_stage2_loss_is_the_mean_over_every_workers_frames(tmp_path):
