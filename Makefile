@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint lock lock-gpu clean
+.PHONY: demo test lint gpu-check lock lock-gpu clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,13 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check gmpatl_ray jobs tests benchmarks tools
+
+# The GPU paths measured on one GPU in minutes (benchmarks/gpu_check.py); where there is a GPU it adds cuML
+# (the GPU lock's version) first. Without a GPU it says so and exits 0.
+gpu-check: $(STAMP)
+	if $(BIN)/python -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then \
+	  $(BIN)/python -m pip install --quiet -c constraints-gpu.txt -e '.[gpu]'; fi
+	$(BIN)/python benchmarks/gpu_check.py
 
 # Re-pin every transitive dependency after changing pyproject.toml (commit the result), then the GPU
 # nodes' lock (constraints-gpu.txt, what the Dockerfile installs) from it: a pip dry run, nothing installed.

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 from conftest import small_config
 from transformers import HubertModel
 
@@ -249,3 +250,9 @@ def test_tracking_sync_of_a_missing_file_exits_2_naming_it(tmp_path):
     assert result.returncode == 2
     assert f"{missing}: no such tracking-offline file (already sent?)" in result.stderr
 
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine it measures (tests/test_gpu.py)")
+def test_gpu_check_says_there_is_no_gpu_and_exits_0():
+    result = run("make", "gpu-check")
+    assert result.returncode == 0, result.stderr
+    assert "gpu-check: no CUDA GPU here, so nothing to measure" in result.stdout
