@@ -54,11 +54,12 @@ def timed_fit(config, loop: dict, name: str, **train_settings) -> tuple[dict, fl
     train = config.train.model_copy(update={"max_failures": 0, **train_settings})
     run = config.model_copy(update={"train": train})
     with tempfile.TemporaryDirectory() as storage:
+        (Path(storage) / "out").mkdir()  # rank 0 writes the kept model here (the cache build folder)
         started = time.perf_counter()
         state = fit(
             "gmpatl_ray.stages.stage1",
             "stage1",
-            loop | {"config": run.model_dump(mode="json")},
+            loop | {"config": run.model_dump(mode="json"), "out": str(Path(storage) / "out")},
             train.model_copy(update={"storage_path": storage}),
             name=name,
         )
@@ -89,10 +90,10 @@ def main() -> None:
         state, wall = timed_fit(
             config, loop, f"bench-{workers}", num_workers=workers, cpus_per_worker=cores // workers
         )
-        steady = [h["train_utterances_per_s"] for h in state["history"][1:]] or [
-            state["history"][0]["train_utterances_per_s"]
+        steady = [h["train_utterances_per_s"] for h in state.meta["history"][1:]] or [
+            state.meta["history"][0]["train_utterances_per_s"]
         ]
-        results[workers] = (sum(steady) / len(steady), wall, state["history"][-1]["train_loss"])
+        results[workers] = (sum(steady) / len(steady), wall, state.meta["history"][-1]["train_loss"])
     ray.shutdown()
 
     one, _, _ = results[1]

@@ -305,7 +305,8 @@ def _track_training(
         section = getattr(config, stage).model_dump(mode="json")
         tracker.params(child, flatten({stage: section}) | {"fingerprint": artifacts[stage].path.name})
         tracker.history(child, histories[stage])
-        tracker.metrics(child, {"best_epoch": meta["best_epoch"], "steps": meta["steps"]})
+        seconds = {f"seconds_{part}": v for part, v in meta.get("timing", {}).items()}  # where time went
+        tracker.metrics(child, {"best_epoch": meta["best_epoch"], "steps": meta["steps"], **seconds})
         tracker.end(child)
 
 

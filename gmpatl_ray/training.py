@@ -362,6 +362,7 @@ def train_fn(loop: dict[str, Any]) -> dict[str, Any] | None:
     import ray.train.torch
     from torch.utils.data import DistributedSampler
 
+    clock = {"entered": time.time()}
     recipe = importlib.import_module(loop["recipe"])
     config = Config.model_validate(loop["config"])
     optim = getattr(config, loop["section"]).optim
@@ -372,6 +373,7 @@ def train_fn(loop: dict[str, Any]) -> dict[str, Any] | None:
     out, run = visible_build_folder(loop["out"]), run_folder(config.train, loop["fingerprint"])
     record_placement(run, rank, device)
     model = recipe.build_model(config, loop)
+    clock["built"] = time.time()
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=optim.lr)
     start, best, history = 0, {"score": float("-inf"), "epoch": -1, "model": {}}, []
     steps, resumes = 0, []
@@ -395,6 +397,8 @@ def train_fn(loop: dict[str, Any]) -> dict[str, Any] | None:
         data_loader(dataset, sampler, optim.batch_size // world, config.train, device),  # a global batch
         add_dist_sampler=False,
     )
+    clock["prepared"] = time.time()
+    spent = {"loop": 0.0, "validation": 0.0, "checkpoints": 0.0}
     for epoch in range(start, optim.epochs):
         dataset.epoch = epoch
         sampler.set_epoch(epoch)
@@ -411,6 +415,7 @@ def train_fn(loop: dict[str, Any]) -> dict[str, Any] | None:
             steps += 1
             total, count = total + loss.item() * len(batch["lengths"]), count + len(batch["lengths"])
         seconds = time.perf_counter() - started
+        spent["loop"] += seconds
         all_total, all_count = epoch_sums(total, count, device).tolist()
         metrics = {
             "epoch": epoch,
@@ -421,7 +426,9 @@ def train_fn(loop: dict[str, Any]) -> dict[str, Any] | None:
         }
         with tempfile.TemporaryDirectory() as folder:
             if rank == 0:
+                validating = time.perf_counter()
                 metrics |= {f"val_{k}": v for k, v in recipe.evaluate(unwrap(model), loop, config).items()}
+                spent["validation"] += time.perf_counter() - validating
                 history.append(metrics)
                 if metrics["val_score"] > best["score"]:
                     best = {
@@ -429,6 +436,7 @@ def train_fn(loop: dict[str, Any]) -> dict[str, Any] | None:
                         "epoch": epoch,
                         "model": weights_copy(unwrap(model)),
                     }
+                saving = time.perf_counter()
                 state = {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict()}
                 save_state(
                     Path(folder),
@@ -439,8 +447,11 @@ def train_fn(loop: dict[str, Any]) -> dict[str, Any] | None:
             ray.train.report(
                 metrics, checkpoint=ray.train.Checkpoint.from_directory(folder) if rank == 0 else None
             )
+            if rank == 0:
+                spent["checkpoints"] += time.perf_counter() - saving
     if rank != 0:
         return None
+    clock["trained"] = time.time()
     kept = unwrap(model)
     kept.load_state_dict(best["model"])
     save_model(kept, out)
@@ -449,7 +460,8 @@ def train_fn(loop: dict[str, Any]) -> dict[str, Any] | None:
         "workers": gather_placement(run, world),
         **recipe.finish(kept, loop, config, best),
     }
-    return {"meta": meta, "files": file_records(out)}
+    clock["finished"] = time.time()
+    return {"meta": meta, "files": file_records(out), "clock": clock, "spent": spent}
 
 
 def fit(recipe: str, section: str, loop: dict[str, Any], train: TrainConfig, name: str) -> Contents:
@@ -462,6 +474,7 @@ def fit(recipe: str, section: str, loop: dict[str, Any], train: TrainConfig, nam
     # Ray Train reads this in its controller and propagates it there from the driver's environment when
     # the trainer is built; it has no argument of its own.
     os.environ[POLL_INTERVAL_ENV] = str(train.poll_interval_s)
+    submitted = time.time()
     trainer = TorchTrainer(
         train_fn,
         train_loop_config={**loop, "recipe": recipe, "section": section, "fingerprint": name},
@@ -479,4 +492,22 @@ def fit(recipe: str, section: str, loop: dict[str, Any], train: TrainConfig, nam
         ),
     )
     done = trainer.fit().return_value
-    return Contents(done["meta"], done["files"])
+    timing = stage_timing(submitted, done["clock"], done["spent"], time.time())
+    return Contents(done["meta"] | {"timing": timing}, done["files"])
+
+
+def stage_timing(submitted: float, clock: dict[str, float], spent: dict[str, float], done: float) -> dict:
+    """Where a stage run's wall time went, in seconds (rank 0's view; the start includes Ray Train's
+    controller, the worker group, its process group and the workers' imports)."""
+    return {
+        "start": clock["entered"] - submitted,
+        "model_build": clock["built"] - clock["entered"],
+        "ddp_and_loader": clock["prepared"] - clock["built"],
+        "training_loop": spent["loop"],
+        "validation": spent["validation"],
+        "checkpoints": spent["checkpoints"],
+        "other_epoch_work": clock["trained"] - clock["prepared"] - sum(spent.values()),
+        "final_model_and_finish": clock["finished"] - clock["trained"],
+        "shutdown_and_result": done - clock["finished"],
+        "wall": done - submitted,
+    }

@@ -31,6 +31,10 @@ def test_a_fold_runs_all_stages_and_reuses_them(small_corpus, trained_fold, tmp_
     assert work == [] and DRIVER_WORK["trained_fold"] == [], (work, DRIVER_WORK)  # stage 3; all of a fold
     (worker,) = second.artifacts["stage3"].meta["workers"]
     assert worker["rank"] == 0 and worker["device"] == "cpu" and worker["cwd"] != os.getcwd()
+    timing = second.artifacts["stage3"].meta["timing"]  # where the stage run's wall time went
+    parts = {k: v for k, v in timing.items() if k != "wall"}
+    assert all(v >= -0.01 for v in parts.values()) and timing["training_loop"] > 0, timing
+    assert sum(parts.values()) == pytest.approx(timing["wall"], abs=0.01)
     assert second.test_utterances == first.test_utterances and 0 <= second.uar <= 1
     assert second.built == {
         "stage1": False,
