@@ -320,6 +320,16 @@ class TrackingConfig(_Section):
         return self
 
 
+class CVConfig(_Section):
+    """How ``gmpatl cv`` (and each sweep trial) runs its folds. Results do not depend on it: each fold has
+    the same seeds and cache fingerprints whichever way it runs."""
+
+    max_concurrent_folds: PositiveInt | None = None
+    """Folds run at once, each stage reserving its own workers. None: as many as the cluster's GPUs (with
+    ``train.use_gpu``) or CPUs fit a stage's workers now, at least one; on an autoscaling cluster whose GPU
+    nodes may be at zero, set it (``configs/cluster.yaml``). 1: one fold after another."""
+
+
 class PredictConfig(_Section):
     """``gmpatl predict``: a trained model on new audio with Ray Data (decode tasks, an actor pool of the
     model). The served MLflow model reads ``window_s`` from the config it was trained with."""
@@ -411,6 +421,7 @@ class Config(_Section):
     stage2: Stage2Config = Stage2Config()
     stage3: Stage3Config = Stage3Config()
     tracking: TrackingConfig = TrackingConfig()
+    cv: CVConfig = CVConfig()
     predict: PredictConfig = PredictConfig()
     sweep: SweepConfig | None = None
     """Only ``gmpatl sweep`` reads it; every other command runs the experiment as written."""

@@ -72,3 +72,18 @@ def with_devices(config: Config, extract_device: str, backend: str) -> Config:
             "gmp": config.gmp.model_copy(update={"backend": backend}),
         }
     )
+
+
+def concurrent_folds(config: Config, folds: int) -> int:
+    """``cv.max_concurrent_folds``, or (None) how many folds' stages the cluster's GPUs or CPUs fit now,
+    between 1 and ``folds``."""
+    import ray
+
+    wanted = config.cv.max_concurrent_folds
+    if wanted is None:
+        train = config.train
+        if train.use_gpu:
+            wanted = int(cluster_gpus() // train.num_workers)
+        else:
+            wanted = int(ray.cluster_resources().get("CPU", 1) // (train.num_workers * train.cpus_per_worker))
+    return max(1, min(wanted, folds))

@@ -8,7 +8,7 @@ unless ``gmp.transductive`` lets them see its audio (never its labels).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,7 @@ from .atomic import atomic_write_text
 from .config import Config, dump_config
 from .cv import FoldSplit, final_split, fold_split
 from .data.prepare import skipped_list_path
-from .devices import resolve_devices
+from .devices import concurrent_folds, resolve_devices
 from .features import extract_features
 from .gmp import build_gmps_on_cluster
 from .inference import save_model_folder
@@ -124,12 +124,15 @@ def run_cv(
     reports = reports_folder(config, tracker, parent)
     track_inputs(tracker, parent, config, resolved, reports)
     rows, total = [], np.zeros((len(emotions), len(emotions)), dtype=int)
-    run = parent
+    opened: dict[Any, tuple[str, bool]] = {}  # fold -> (its run, already fully logged), while it runs
+
+    def open_fold(fold) -> None:
+        fold_tags = {"gmpatl.kind": "fold", "gmpatl.fold": str(fold)}
+        opened[fold] = _open_run(tracker, f"fold-{fold}", parent, fold_tags, resuming)
+
     try:
-        for fold in folds:
-            fold_tags = {"gmpatl.kind": "fold", "gmpatl.fold": str(fold)}
-            run, logged = _open_run(tracker, f"fold-{fold}", parent, fold_tags, resuming)
-            result = run_fold(config, manifest, fold, cache)
+        for fold, result in run_folds(config, manifest, folds, cache, open_fold):
+            run, logged = opened.pop(fold)
             if not logged:
                 _track_fold(tracker, run, config, result, reports, resuming)
                 tracker.end(run)
@@ -148,7 +151,7 @@ def run_cv(
             if on_fold:
                 on_fold(pd.DataFrame(rows))
     except BaseException:
-        for failed in {run, parent}:
+        for failed in [*(run for run, _ in opened.values()), parent]:
             tracker.end(failed, "FAILED")
         raise
     table = pd.DataFrame(rows)
@@ -186,11 +189,46 @@ def reports_folder(config: Config, tracker: Tracker, run: str) -> Path:
     return Path(config.experiment.output_dir) / "reports" / tracker.ids.get(run, run)
 
 
+def run_folds(
+    config: Config, manifest: pd.DataFrame, folds: list, cache: ArtifactCache, start: Callable[[Any], None]
+) -> Iterator[tuple[Any, FoldResult]]:
+    """Each fold's result, in fold order, with up to ``cv.max_concurrent_folds`` folds running at once
+    (:func:`concurrent_folds`): a thread per running fold waits on its stages, which run on the cluster's
+    workers like any fold's. ``start(fold)`` runs in this thread just before a fold starts. If a fold
+    fails, no new one starts; those already running finish (their stages are cached for the rerun)."""
+    width = concurrent_folds(config, len(folds))
+    if width == 1:
+        for fold in folds:
+            start(fold)
+            yield fold, run_fold(config, manifest, fold, cache)
+        return
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+    print(f"cv: up to {width} folds at once", flush=True)
+    futures: dict[Any, Any] = {}
+    with ThreadPoolExecutor(width, thread_name_prefix="fold") as pool:
+
+        def fill() -> None:
+            while len(futures) < len(folds) and sum(not f.done() for f in futures.values()) < width:
+                fold = folds[len(futures)]
+                start(fold)
+                futures[fold] = pool.submit(run_fold, config, manifest, fold, cache)
+
+        fill()
+        for fold in folds:
+            while not futures[fold].done():
+                wait([f for f in futures.values() if not f.done()], return_when=FIRST_COMPLETED)
+                if not any(f.done() and f.exception() for f in futures.values()):
+                    fill()
+            yield fold, futures[fold].result()
+
+
 def run_identity(config: Config) -> dict[str, Any]:
     """The config as a CV or final run records it (params, and the fingerprint an interrupted run is
-    resumed by): everything but the sweep (a trial's own values are in it) and ``predict``, which only
-    ``gmpatl predict`` reads; without secrets, so none is logged and a changed password is the same run."""
-    return scrub_tree(config.model_dump(mode="json", exclude={"sweep", "predict"}))
+    resumed by): everything but the sweep (a trial's own values are in it), ``predict``, which only
+    ``gmpatl predict`` reads, and ``cv``, which changes how folds run, not what they give; without secrets,
+    so none is logged and a changed password is the same run."""
+    return scrub_tree(config.model_dump(mode="json", exclude={"sweep", "predict", "cv"}))
 
 
 def track_inputs(tracker: Tracker, run: str, config: Config, resolved: dict, reports: Path) -> None:
@@ -305,7 +343,8 @@ def _track_training(
         section = getattr(config, stage).model_dump(mode="json")
         tracker.params(child, flatten({stage: section}) | {"fingerprint": artifacts[stage].path.name})
         tracker.history(child, histories[stage])
-        seconds = {f"seconds_{part}": v for part, v in meta.get("timing", {}).items()}  # where time went
+        timing = meta.get("timing", {})  # where the stage run's time went
+        seconds = {f"seconds_{part}": v for part, v in timing.items() if not part.endswith("_at")}
         tracker.metrics(child, {"best_epoch": meta["best_epoch"], "steps": meta["steps"], **seconds})
         tracker.end(child)
 

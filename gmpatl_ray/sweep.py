@@ -63,6 +63,8 @@ def trial(params: dict[str, Any], base: dict[str, Any], manifest: pd.DataFrame, 
     from ray import tune
 
     config = trial_config(base, params)
+    if config.cv.max_concurrent_folds is None:  # the trials fill the cluster; a trial's folds take turns
+        config = config.model_copy(update={"cv": config.cv.model_copy(update={"max_concurrent_folds": 1})})
     trial = tune.get_context().get_trial_name()
     tracker = Tracker(config.tracking.experiment, config.tracking.uri, config.experiment.output_dir)
 

@@ -498,7 +498,8 @@ def fit(recipe: str, section: str, loop: dict[str, Any], train: TrainConfig, nam
 
 def stage_timing(submitted: float, clock: dict[str, float], spent: dict[str, float], done: float) -> dict:
     """Where a stage run's wall time went, in seconds (rank 0's view; the start includes Ray Train's
-    controller, the worker group, its process group and the workers' imports)."""
+    controller, the worker group, its process group and the workers' imports), and when it ran (``*_at``:
+    seconds since the epoch)."""
     return {
         "start": clock["entered"] - submitted,
         "model_build": clock["built"] - clock["entered"],
@@ -510,4 +511,6 @@ def stage_timing(submitted: float, clock: dict[str, float], spent: dict[str, flo
         "final_model_and_finish": clock["finished"] - clock["trained"],
         "shutdown_and_result": done - clock["finished"],
         "wall": done - submitted,
+        "submitted_at": submitted,
+        "done_at": done,
     }

@@ -8,10 +8,14 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 from conftest import DRIVER_WORK, TINY_TRAINING, model_work_here, small_config
+from mlflow import MlflowClient
 
 from gmpatl_ray.artifacts import ArtifactCache
-from gmpatl_ray.pipeline import run_fold
+from gmpatl_ray.pipeline import run_cv, run_fold
+from gmpatl_ray.tracking import Tracker
+from gmpatl_ray.training import saved_weights
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_cluster")]
 
@@ -32,7 +36,7 @@ def test_a_fold_runs_all_stages_and_reuses_them(small_corpus, trained_fold, tmp_
     (worker,) = second.artifacts["stage3"].meta["workers"]
     assert worker["rank"] == 0 and worker["device"] == "cpu" and worker["cwd"] != os.getcwd()
     timing = second.artifacts["stage3"].meta["timing"]  # where the stage run's wall time went
-    parts = {k: v for k, v in timing.items() if k != "wall"}
+    parts = {k: v for k, v in timing.items() if k != "wall" and not k.endswith("_at")}
     assert all(v >= -0.01 for v in parts.values()) and timing["training_loop"] > 0, timing
     assert sum(parts.values()) == pytest.approx(timing["wall"], abs=0.01)
     assert second.test_utterances == first.test_utterances and 0 <= second.uar <= 1
@@ -46,3 +50,55 @@ def test_a_fold_runs_all_stages_and_reuses_them(small_corpus, trained_fold, tmp_
     assert second.artifacts["stage1"].path == first.artifacts["stage1"].path
     # The stage 3 it trained is in the cache, so its Ray Train checkpoints are gone.
     assert (tmp_path / "ray").is_dir() and not any((tmp_path / "ray").iterdir())
+
+
+def test_folds_run_side_by_side_give_what_they_give_one_after_another(small_corpus, tmp_path):
+    """Two folds at once (`cv.max_concurrent_folds=2`, one 1-CPU worker per stage on the session's 2 CPUs)
+    against the same CV one fold after another, each in a cache of its own: the same table, the same
+    stage fingerprints and bit-for-bit the same weights, the same MLflow run tree; and the folds' stages
+    did overlap in time."""
+    folder, manifest = small_corpus
+    quick = [
+        *TINY_TRAINING,
+        "train.cpus_per_worker=1",
+        "stage2.enabled=false",  # stages 1 and 3 show it; stage 2 is one more stage of the same kind
+        "stage1.optim.epochs=2",
+        "stage3.optim.epochs=1",
+    ]
+    results = {}
+    for width in (1, 2):
+        here = tmp_path / f"width{width}"
+        config = small_config(
+            folder,
+            f"experiment.output_dir={here / 'out'}",
+            f"experiment.cache_dir={here / 'cache'}",
+            f"train.storage_path={here / 'ray'}",
+            f"cv.max_concurrent_folds={width}",
+            *quick,
+        )
+        tracker = Tracker("folds", None, here / "out")
+        table = run_cv(config, manifest, [1, 2], ArtifactCache(here / "cache"), tracker)
+        client = MlflowClient(tracking_uri=tracker.uri)
+        runs = client.search_runs([tracker.experiment_id])
+        tree = sorted((r.info.run_name, r.info.status, r.data.tags.get("gmpatl.fold", "")) for r in runs)
+        stages = {
+            (fold, stage): ArtifactCache(here / "cache").load(stage, fingerprint)
+            for r in runs
+            if r.data.tags.get("gmpatl.kind") == "stage"
+            for fold, stage, fingerprint in [
+                (r.data.tags["gmpatl.fold"], r.data.tags["gmpatl.stage"], r.data.params["fingerprint"])
+            ]
+        }
+        results[width] = (table, tree, stages)
+
+    (sequential, tree_1, stages_1), (parallel, tree_2, stages_2) = results[1], results[2]
+    columns = ["fold", "war", "uar", "val_uar", "test_utterances"]
+    assert parallel[columns].equals(sequential[columns])
+    assert tree_2 == tree_1 and len(tree_1) == 7  # cv, 2 folds, 2 stages each
+    assert stages_2.keys() == stages_1.keys()
+    for key, artifact in stages_1.items():
+        assert stages_2[key].path.name == artifact.path.name, key  # the same fingerprint
+        mine, theirs = saved_weights(stages_2[key].path), saved_weights(artifact.path)
+        assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine), key
+    one, two = (stages_2[(fold, "stage1")].meta["timing"] for fold in ("1", "2"))
+    assert one["submitted_at"] < two["done_at"] and two["submitted_at"] < one["done_at"]  # side by side
