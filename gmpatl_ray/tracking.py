@@ -35,6 +35,8 @@ from .errors import InputError
 from .redact import REDACTED, environment_secrets, is_secret_name, scrub, url_secrets
 
 RESUMED_TAG = "gmpatl.resumed"
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+"""What MLflow 3's UI reads to open an experiment on its runs (training) rather than its GenAI view."""
 TRANSIENT_CODES = {
     "INTERNAL_ERROR",  # also what a failed connection raises; a server's 500 on one record is retried
     "TEMPORARILY_UNAVAILABLE",
@@ -448,6 +450,8 @@ class Tracker:
             if found
             else client.create_experiment(self.experiment, artifact_location=self.artifact_root)
         )
+        if not found or EXPERIMENT_KIND[0] not in found.tags:
+            client.set_experiment_tag(self.experiment_id, *EXPERIMENT_KIND)
         self.client = client
 
     def _send(self, record: dict[str, Any]) -> None:

@@ -41,6 +41,11 @@ def test_parent_and_child_runs_in_a_real_store(tmp_path):
     assert by_name["cv"].data.params == {"stage1.alpha_e": "0.9"}  # no secrets
     assert [a.path for a in client.list_artifacts(parent)] == ["table.csv"]
     assert not (tmp_path / "tracking-offline").exists()
+    # The MLflow UI opens the experiment on its runs, not its GenAI view (traces, token usage)
+    assert (
+        client.get_experiment(tracker.experiment_id).tags["mlflow.experimentKind"]
+        == "custom_model_development"
+    )
 
 
 def test_an_unreachable_server_warns_and_keeps_the_data(tmp_path, monkeypatch):
