@@ -8,6 +8,7 @@ overrides of that config.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -530,6 +531,9 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     """Run one subcommand with everything it prints scrubbed of secrets, tracebacks included."""
+    # The MLflow client prints two lines per ended run on an HTTP server ("View run ... at: URL"): dozens
+    # in a CV, and the run table says it better (`gmpatl report`, the MLflow UI).
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     with scrubbed_console():
         args = build_parser().parse_args(argv)
         try:

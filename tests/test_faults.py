@@ -340,6 +340,7 @@ def test_what_is_logged_while_the_tracking_server_is_down_reaches_it_later(
     assert sync.returncode == 0, sync.stdout + sync.stderr
     sending = re.search(rf"sending (\d+) record\(s\) to MLflow at {uri}\n", sync.stdout)
     assert sending and f": sent {sending.group(1)} record(s) to {uri}\n" in sync.stdout, sync.stdout
+    assert "View run" not in sync.stdout  # MLflow's per-run URL lines are not printed
     assert not waiting.exists() and not list(waiting.parent.glob("*.sending"))
     runs = runs_by_name(client, "outage")
     assert sorted(runs) == ["cv-gmpatl-demo", "fold-1", "fold-1-stage1", "fold-1-stage3"]

@@ -288,6 +288,7 @@ def test_no_secret_reaches_the_console_mlflow_or_any_file(side_by_side):
         for secret in (PASSWORD, ENV_TOKEN):
             assert secret not in out + err, (name, secret)
         assert f"MLflow: http://***@127.0.0.1:{server.port}" in out
+        assert "View run" not in out  # MLflow's per-run URL lines are not printed
         assert f"tracking.uri=http://***@127.0.0.1:{server.port}" in out  # the predict command it printed
     logs = [p for p in side_by_side["ray_logs"].rglob("*") if p.is_file()]
     since = side_by_side["started"]
