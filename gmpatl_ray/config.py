@@ -183,7 +183,11 @@ class ExtractConfig(_Section):
 class TrainConfig(_Section):
     """How every stage runs on Ray Train (DDP: NCCL on GPUs, gloo on CPUs)."""
 
-    num_workers: PositiveInt = 1
+    num_workers: Annotated[int, Field(ge=0)] = 1
+    """DDP workers per stage. 0: Ray Train's local mode, the stage's training function in the calling
+    process (no worker group, no checkpoint kept, so no resume and no fault tolerance; torch's threads
+    set from ``cpus_per_worker``): seconds faster to start, for debugging and tests that are not about
+    those. It trains the same model as one worker."""
     use_gpu: bool = False
     cpus_per_worker: PositiveInt = 1
     """Logical CPUs reserved per worker: its data loader processes take one each, torch's threads the rest
@@ -453,7 +457,7 @@ class Config(_Section):
     def _batches_split_over_workers(self) -> Config:
         for stage in ("stage1", "stage2", "stage3"):
             batch = getattr(self, stage).optim.batch_size
-            if batch % self.train.num_workers:
+            if batch % max(1, self.train.num_workers):
                 raise ValueError(
                     f"{stage}.optim.batch_size {batch} is the global batch and must be a multiple of "
                     f"train.num_workers {self.train.num_workers}"

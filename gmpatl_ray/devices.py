@@ -82,8 +82,9 @@ def concurrent_folds(config: Config, folds: int) -> int:
     wanted = config.cv.max_concurrent_folds
     if wanted is None:
         train = config.train
+        workers = max(1, train.num_workers)  # local mode (0) trains in the driver, on one worker's share
         if train.use_gpu:
-            wanted = int(cluster_gpus() // train.num_workers)
+            wanted = int(cluster_gpus() // workers)
         else:
-            wanted = int(ray.cluster_resources().get("CPU", 1) // (train.num_workers * train.cpus_per_worker))
+            wanted = int(ray.cluster_resources().get("CPU", 1) // (workers * train.cpus_per_worker))
     return max(1, min(wanted, folds))

@@ -102,3 +102,23 @@ def test_folds_run_side_by_side_give_what_they_give_one_after_another(small_corp
         assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine), key
     one, two = (stages_2[(fold, "stage1")].meta["timing"] for fold in ("1", "2"))
     assert one["submitted_at"] < two["done_at"] and two["submitted_at"] < one["done_at"]  # side by side
+
+
+def test_local_mode_trains_the_same_stage_as_one_worker(small_corpus, trained_fold, tmp_path):
+    """`train.num_workers=0` (Ray Train's local mode: the training function in this process) gives bit
+    for bit the stage 1 the session's trained fold got from one Ray Train worker, in a cache of its own."""
+    from gmpatl_ray.cv import fold_split
+    from gmpatl_ray.stages.stage1 import run_stage1
+
+    folder, manifest = small_corpus
+    _, first = trained_fold
+    storage = f"train.storage_path={tmp_path / 'ray'}"
+    config = small_config(folder, storage, *TINY_TRAINING, "train.num_workers=0")
+    artifact, built = run_stage1(config, fold_split(config, manifest, 1), ArtifactCache(tmp_path / "cache"))
+    worker = first.artifacts["stage1"]
+    assert built and artifact.path.name == worker.path.name  # the same fingerprint
+    mine, theirs = saved_weights(artifact.path), saved_weights(worker.path)
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+    losses = [[row["train_loss"], row["val_uar"]] for row in artifact.meta["history"]]
+    assert losses == [[row["train_loss"], row["val_uar"]] for row in worker.meta["history"]]
+    assert artifact.meta["timing"]["start"] < 1.0  # no worker group to start

@@ -296,6 +296,7 @@ def final_model(small_corpus, ray_cluster, tmp_path_factory):
         "tracking.experiment=final-test",
         "tracking.register_model=gmpatl-test",
         *TINY_TRAINING,
+        "train.num_workers=0",  # local mode: the stages in `gmpatl train` itself (Ray Train has its tests)
     ]
     config_file.write_text(dump_config(small_config(folder, *overrides)))
     result = run(str(BIN / "gmpatl"), "train", "--config", str(config_file), env=ray_cluster, timeout=600)
