@@ -31,6 +31,20 @@ from gmpatl_ray.models.backbone import hidden_state_index, load_backbone  # noqa
 REPO = Path(__file__).resolve().parents[1]
 
 
+def base_size_demo(workdir: str, *overrides: str):
+    """The demo corpus (generated under ``workdir``) with a HuBERT-base-size random model, layer -3."""
+    return load_config(
+        REPO / "configs" / "demo.yaml",
+        [
+            f"data.root={workdir}/IEMOCAP_demo",
+            f"data.manifest={workdir}/manifest.csv",
+            "backbone.random_init={}",  # HuBERT base's sizes
+            "gmp.layer=-3",
+            *overrides,
+        ],
+    )
+
+
 def naive_loop(config, manifest) -> float:
     """Seconds for the plain loop, model construction included (as the pipeline's actors include it)."""
     start = time.perf_counter()
@@ -72,16 +86,7 @@ def main() -> None:
     args = parser.parse_args()
 
     threads = os.cpu_count() or 1
-    config = load_config(
-        REPO / "configs" / "demo.yaml",
-        [
-            f"data.root={args.workdir}/IEMOCAP_demo",
-            f"data.manifest={args.workdir}/manifest.csv",
-            "backbone.random_init={}",  # HuBERT base's sizes
-            "gmp.layer=-3",
-            f"extract.batch_size={args.batch_size}",
-        ],
-    )
+    config = base_size_demo(args.workdir, f"extract.batch_size={args.batch_size}")
     manifest = load_or_prepare(config.data).sample(n=args.utterances, random_state=0)
     audio_s = manifest["duration_s"].sum()
     torch.set_num_threads(threads)

@@ -139,22 +139,14 @@ def main() -> int:
         return 0
 
     import ray
+    from extraction import base_size_demo
 
     from gmpatl_ray.artifacts import ArtifactCache
     from gmpatl_ray.clustering import gpu_available
-    from gmpatl_ray.config import load_config
     from gmpatl_ray.data.prepare import load_or_prepare
 
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA {torch.version.cuda}")
-    config = load_config(
-        REPO / "configs" / "demo.yaml",
-        [
-            f"data.root={args.workdir}/IEMOCAP_demo",
-            f"data.manifest={args.workdir}/manifest.csv",
-            "backbone.random_init={}",  # HuBERT base's sizes
-            "gmp.layer=-3",
-        ],
-    )
+    config = base_size_demo(args.workdir)
     manifest = load_or_prepare(config.data).sample(n=args.utterances, random_state=0)
     ray.init(include_dashboard=False, log_to_driver=False)
     with tempfile.TemporaryDirectory() as tmp:
