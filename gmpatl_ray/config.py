@@ -470,6 +470,11 @@ class Config(_Section):
         not in its hundredth trial."""
         if self.sweep is None:
             return self
+        if self.train.num_workers == 0:  # Ray Tune's trial context replaces the one local mode needs
+            raise ValueError(
+                "train.num_workers 0 (Ray Train's local mode) does not run in a sweep's trials; "
+                "give 1 or more"
+            )
         base = self.model_dump(mode="json", exclude={"sweep"})
         for key, dimension in self.sweep.space.items():
             for value in dimension.candidates():

@@ -69,6 +69,10 @@ def test_a_space_that_does_not_fit_the_config_fails_at_load_time(tmp_path):
         small_config(tmp_path, "sweep={space: {stage1.alpha_e: {uniform: [0.5, 1.5]}}}")
     with pytest.raises(ConfigError, match="give exactly one of grid, choice, uniform, loguniform"):
         small_config(tmp_path, "sweep={space: {gmp.layer: {grid: [-1], choice: [-2]}}}")
+    with pytest.raises(
+        ConfigError, match=r"train.num_workers 0 \(Ray Train's local mode\) does not run in a"
+    ):
+        small_config(tmp_path, "train.num_workers=0", SPACE)  # Tune's trial context breaks local mode
 
 
 def test_a_sweep_config_extends_the_demo():
