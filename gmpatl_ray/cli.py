@@ -11,14 +11,18 @@ import argparse
 import os
 import sys
 import traceback
+from contextlib import nullcontext
 from pathlib import Path
 
 from .atomic import atomic_write_text
 from .config import Config, dump_config, load_config, with_absolute_paths
+from .console import run_log, say
 from .errors import InputError
 from .redact import REDACTED, scrub, scrubbed_console
 
 EXIT_BAD_INPUT = 2
+LOGGED = {"extract", "cluster", "gmp-report", "cv", "train", "predict", "sweep"}
+"""The commands that run on Ray: Ray's and the workers' output goes to a run log (``gmpatl_ray.console``)."""
 
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
@@ -200,14 +204,14 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
     config = _load(args, _prepare_overrides(args))
     result = prepare(config.data, strict=getattr(args, "strict", False))
-    print(format_summary(result.manifest, f"{config.data.source} manifest {result.path}"))
+    say(format_summary(result.manifest, f"{config.data.source} manifest {result.path}"))
     if result.dropped:
         dropped = "  ".join(f"{k} {v}" for k, v in sorted(result.dropped.items()))
-        print(f"  dropped  {dropped}  (labels outside data.emotions {config.data.emotions})")
+        say(f"  dropped  {dropped}  (labels outside data.emotions {config.data.emotions})")
     if result.problems:
-        print(f"skipped {len(result.problems)} problem(s), listed in {result.skipped_path}:")
+        say(f"skipped {len(result.problems)} problem(s), listed in {result.skipped_path}:")
         for problem in result.problems:
-            print(f"  {problem}")
+            say(f"  {problem}")
     return 0
 
 
@@ -226,12 +230,12 @@ def _features(config: Config):
     store, built = extract_features(config, manifest, cache)
     meta = store.artifact.meta
     state = "extracted" if built else "reused"
-    print(
+    say(
         f"features {state}: {meta['utterances']} utterances, {meta['frames']} frames, "
         f"{meta['audio_s']:.0f} s of audio, layers {store.layers}, dim {store.dim} -> {store.path}"
     )
     if built:
-        print(
+        say(
             f"  {meta['seconds']:.1f} s on {meta['device']}: "
             f"{meta['audio_s_per_s']:.1f} audio seconds per second"
         )
@@ -248,12 +252,12 @@ def _gmps(config: Config, cache, store, layer: int):
 
     gmps, built = build_gmps_on_cluster(store, layer, config.gmp, config.experiment.seed, None, cache)
     meta = gmps.meta
-    print(
+    say(
         f"GMPs {'built' if built else 'reused'} for layer {layer} ({meta['backend']}, "
         f"{meta['sampled_frames']} of {meta['fit_frames']} frames sampled) -> {gmps.path}"
     )
     for k in gmps.scales:
-        print(
+        say(
             f"  k={k:<5} inertia/frame {meta['inertia_per_frame'][str(k)]:.4f}  "
             f"fit {meta['fit_seconds'][str(k)]:.1f} s"
         )
@@ -274,8 +278,8 @@ def cmd_gmp_report(args: argparse.Namespace) -> int:
     config, manifest, cache, store = _features(_load(args))
     table = pd.concat([label_quality(_gmps(config, cache, store, layer), manifest) for layer in store.layers])
     paths = save_report(table, Path(config.experiment.output_dir) / "reports")
-    print(to_markdown(table))
-    print(f"saved {paths['csv']}, {paths['markdown']} and {paths['plot']}")
+    say(to_markdown(table))
+    say(f"saved {paths['csv']}, {paths['markdown']} and {paths['plot']}")
     return 0
 
 
@@ -289,22 +293,23 @@ def cmd_cv(args: argparse.Namespace) -> int:
 
     config = _load(args)
     manifest = load_or_prepare(config.data)
-    print(format_summary(manifest, f"{config.data.source} manifest {config.data.manifest}"), flush=True)
+    say(format_summary(manifest, f"{config.data.source} manifest {config.data.manifest}"))
     chosen = _folds(manifest, args.folds.split(",") if args.folds else None, "--folds")
     init_ray()
     tracker = Tracker(config.tracking.experiment, config.tracking.uri, config.experiment.output_dir)
     table = run_cv(config, manifest, chosen, ArtifactCache(config.experiment.cache_dir), tracker)
-    print(table.to_markdown(index=False, floatfmt=".4f"))
-    print(
+    say(table.to_markdown(index=False, floatfmt=".4f"))
+    say(
         f"mean WAR {table['war'].mean():.1%} (std {table['war'].std(ddof=0):.1%})  "
         f"mean UAR {table['uar'].mean():.1%} (std {table['uar'].std(ddof=0):.1%})  MLflow: {tracker.server}"
     )
-    print(f"tables and figures: {table.attrs['reports']}")
+    say(f"MLflow UI: {tracker.ui_link()}")
+    say(f"tables and figures: {table.attrs['reports']}")
     run = table.attrs["mlflow_run"]
     if config.tracking.log_model and not run.startswith("offline-"):
         count = f"{len(chosen)} fold model(s)" + (" (an ensemble)" if len(chosen) > 1 else "")
-        print(f"Label new audio with this CV's {count}, for instance fold {chosen[0]}'s session:")
-        print("  " + _predict_command(args, run, config, _example_input(config, chosen[0])))
+        say(f"Label new audio with this CV's {count}, for instance fold {chosen[0]}'s session:")
+        say("  " + _predict_command(args, run, config, _example_input(config, chosen[0])))
         _credentials_note(tracker)
     return 0
 
@@ -312,7 +317,7 @@ def cmd_cv(args: argparse.Namespace) -> int:
 def _credentials_note(tracker) -> None:
     """Commands printed with the tracking URI's credentials redacted need them back to run."""
     if tracker.server != tracker.uri:
-        print(
+        say(
             f"  ({REDACTED} marks the tracking URI's credentials, left out: put them back, or give them in "
             "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD)"
         )
@@ -358,35 +363,36 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     config = _load(args)
     manifest = load_or_prepare(config.data)
-    print(format_summary(manifest, f"{config.data.source} manifest {config.data.manifest}"), flush=True)
+    say(format_summary(manifest, f"{config.data.source} manifest {config.data.manifest}"))
     init_ray()
     tracker = Tracker(config.tracking.experiment, config.tracking.uri, config.experiment.output_dir)
     final = run_final(config, manifest, ArtifactCache(config.experiment.cache_dir), tracker)
-    print(
+    say(
         f"final model: best validation UAR {final.best_val_uar:.1%}; "
         f"MLflow run {final.run} at {tracker.server}"
     )
+    say(f"MLflow UI: {tracker.ui_link()}")
     if final.model is None:
         return 0
-    print(f"  model folder {final.model}")
+    say(f"  model folder {final.model}")
     if final.run.startswith("offline-"):  # MLflow was away: its records wait (the warning named the file)
-        print("Label new audio with the model folder (MLflow has not got the run yet):")
-        print("  " + _predict_command(args, str(final.model), config, _example_input(config, 1)))
+        say("Label new audio with the model folder (MLflow has not got the run yet):")
+        say("  " + _predict_command(args, str(final.model), config, _example_input(config, 1)))
         return 0
     uri = f"runs:/{final.run}/model"
     if config.tracking.register_model and not final.registered:
-        print(f"  registering it as {config.tracking.register_model} waits with the tracking records")
+        say(f"  registering it as {config.tracking.register_model} waits with the tracking records")
     if final.registered:
         name, version = final.registered.split("/")
         uri = f"models:/{name}/{version}"
-        print(f"  registered as {final.registered} in the MLflow model registry")
-    print("Label new audio with it:")
-    print("  " + _predict_command(args, uri, config, _example_input(config, 1)))
-    print("Serve it over HTTP (POST /invocations, README 'Use a trained model'):")
+        say(f"  registered as {final.registered} in the MLflow model registry")
+    say("Label new audio with it:")
+    say("  " + _predict_command(args, uri, config, _example_input(config, 1)))
+    say("Serve it over HTTP (POST /invocations, README 'Use a trained model'):")
     serve = f"mlflow models serve -m {uri} --env-manager local -h 127.0.0.1 -p 5001"
     bin_dir = Path(sys.executable).parent  # MLflow starts uvicorn from the PATH: this environment's
     environment = f"PATH={shlex.quote(str(bin_dir))}:$PATH MLFLOW_TRACKING_URI={shlex.quote(tracker.server)}"
-    print(f"  {environment} {serve}")
+    say(f"  {environment} {serve}")
     _credentials_note(tracker)
     return 0
 
@@ -402,11 +408,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
     table = predictions.table
     counts = "  ".join(f"{k} {v}" for k, v in table["emotion"].value_counts().sort_index().items())
     members = f"an ensemble of {predictions.models} models" if predictions.models > 1 else "the model"
-    print(f"labelled {len(table)} file(s) with {members} -> {args.out}  ({counts})")
+    say(f"labelled {len(table)} file(s) with {members} -> {args.out}  ({counts})")
     if predictions.problems:
-        print(f"skipped {len(predictions.problems)} file(s), listed in {skipped_path(args.out)}:")
+        say(f"skipped {len(predictions.problems)} file(s), listed in {skipped_path(args.out)}:")
         for problem in predictions.problems:
-            print(f"  {problem}")
+            say(f"  {problem}")
     return 0
 
 
@@ -437,10 +443,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     chosen = _folds(manifest, config.sweep.folds, "sweep.folds")
     init_ray()
     table = run_sweep(config, manifest, chosen, resume=args.resume)
-    print(table.to_markdown(index=False, floatfmt=".4f"))
+    say(table.to_markdown(index=False, floatfmt=".4f"))
     failed = (table["status"] != "finished").sum()
     if failed:  # the sweep went on without them; `--resume` retries them
-        print(f"{failed} of {len(table)} trial(s) failed (after sweep.max_failures retries each)")
+        say(f"{failed} of {len(table)} trial(s) failed (after sweep.max_failures retries each)")
     return 0
 
 
@@ -453,15 +459,15 @@ def cmd_report(args: argparse.Namespace) -> int:
     experiment = args.experiment or config.tracking.experiment
     if args.sweep:
         table = sweep_report(uri, experiment, args.sweep)
-        print(f"sweep {args.sweep!r} in experiment {experiment!r} at {scrub(uri)}: {len(table)} trial(s)")
-        print(format_sweep(table))
+        say(f"sweep {args.sweep!r} in experiment {experiment!r} at {scrub(uri)}: {len(table)} trial(s)")
+        say(format_sweep(table))
     else:
         run_id, table = cv_report(uri, experiment, args.run)
-        print(f"CV run {run_id} in experiment {experiment!r} at {scrub(uri)}")
-        print(format_report(table))
+        say(f"CV run {run_id} in experiment {experiment!r} at {scrub(uri)}")
+        say(format_report(table))
     if args.csv:
         atomic_write_text(args.csv, table.to_csv(index=False, float_format="%.4f"))
-        print(f"saved {args.csv}")
+        say(f"saved {args.csv}")
     return 0
 
 
@@ -472,13 +478,13 @@ def cmd_verify_cache(args: argparse.Namespace) -> int:
 
     cache = ArtifactCache(_load(args).experiment.cache_dir)
     checked, damaged = cache.verify()
-    print(f"{cache.root}: {checked} artifact(s) checked in full, {len(damaged)} damaged")
+    say(f"{cache.root}: {checked} artifact(s) checked in full, {len(damaged)} damaged")
     for folder, problems in damaged.items():
         for problem in problems:
-            print(f"  {problem}")
+            say(f"  {problem}")
         if args.remove_damaged:
             shutil.rmtree(folder)
-            print(f"  removed {folder}: the next run that needs it builds it again")
+            say(f"  removed {folder}: the next run that needs it builds it again")
     return 1 if damaged else 0
 
 
@@ -490,18 +496,18 @@ def cmd_tracking_sync(args: argparse.Namespace) -> int:
         try:
             tracker = Tracker.from_offline_file(path, args.uri)
         except InputError as err:  # this file is refused; the others are still sent
-            print(f"gmpatl tracking-sync: error: {err}", file=sys.stderr)
+            say(f"gmpatl tracking-sync: error: {err}", err=True)
             refused += 1
             continue
         count = len(tracker.pending)
-        print(f"{path}: sending {count} record(s) to MLflow at {tracker.server}", flush=True)
+        say(f"{path}: sending {count} record(s) to MLflow at {tracker.server}")
         if tracker.flush():
             refused = tracker.refused
             kept = f"; {refused} refused, kept in {tracker.queue.dead_letter}" if refused else ""
-            print(f"{path}: sent {count - refused} record(s) to {tracker.server}{kept}")
+            say(f"{path}: sent {count - refused} record(s) to {tracker.server}{kept}")
         else:
             waiting += 1
-            print(
+            say(
                 f"{path}: {tracker.server} does not take them ({tracker.last_error}); "
                 f"{len(tracker.pending)} record(s) wait in {tracker.offline}"
             )
@@ -509,7 +515,7 @@ def cmd_tracking_sync(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    print(dump_config(_load(args)), end="")
+    say(dump_config(_load(args)).rstrip("\n"))
     return 0
 
 
@@ -530,16 +536,19 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one subcommand with everything it prints scrubbed of secrets, tracebacks included."""
+    """Run one subcommand with everything it prints scrubbed of secrets, tracebacks included; a command
+    that runs on Ray writes its libraries' output to a run log and shows its own on the console."""
     # The MLflow client prints two lines per ended run on an HTTP server ("View run ... at: URL"): dozens
     # in a CV, and the run table says it better (`gmpatl report`, the MLflow UI).
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     with scrubbed_console():
         args = build_parser().parse_args(argv)
         try:
-            return COMMANDS[args.command](args)
+            logged = args.command in LOGGED
+            with run_log(_load(args).experiment.output_dir, args.command) if logged else nullcontext():
+                return COMMANDS[args.command](args)
         except (InputError, FileExistsError) as err:
-            print(f"gmpatl {args.command}: error: {err}", file=sys.stderr)
+            say(f"gmpatl {args.command}: error: {err}", err=True)
             return EXIT_BAD_INPUT
         except Exception:
             traceback.print_exc()

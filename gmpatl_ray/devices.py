@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 
 from .config import Config
+from .console import say
 
 
 def cluster_gpus() -> float:
@@ -56,10 +57,9 @@ def resolve_devices(config: Config, announce: bool = True) -> Config:
         return config
     extract, gmp = extract_device(config.extract.device), kmeans_backend(config.gmp.backend)
     if announce:
-        print(
+        say(
             f"devices: extract.device={extract}, gmp.backend={gmp} (auto, resolved once from the cluster's "
             f"{cluster_gpus():g} GPUs now; state them in the config to wait for GPU nodes instead)",
-            flush=True,
         )
     return with_devices(config, extract, gmp)
 

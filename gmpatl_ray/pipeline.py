@@ -19,6 +19,7 @@ import pandas as pd
 from .artifacts import Artifact, ArtifactCache, fingerprint
 from .atomic import atomic_write_text
 from .config import Config, dump_config
+from .console import progress, say, step, task
 from .cv import FoldSplit, final_split, fold_split
 from .data.prepare import skipped_list_path
 from .devices import concurrent_folds, resolve_devices
@@ -49,7 +50,8 @@ class FoldResult:
 
 
 def run_fold(config: Config, manifest: pd.DataFrame, fold: Any, cache: ArtifactCache) -> FoldResult:
-    built, artifacts = train_stages(config, fold_split(config, manifest, fold), cache)
+    with task(f"fold {fold}"):
+        built, artifacts = train_stages(config, fold_split(config, manifest, fold), cache)
     test = artifacts["stage3"].meta["test"]
     return FoldResult(
         fold=fold,
@@ -66,14 +68,19 @@ def train_stages(
     config: Config, split: FoldSplit, cache: ArtifactCache
 ) -> tuple[dict[str, bool], dict[str, Artifact]]:
     """Every stage on ``split`` (a CV fold, or a final model's whole corpus): which steps this call
-    computed (False: reused from the cache) and each step's artifact."""
-    stage1, built1 = run_stage1(config, split, cache)
+    computed (False: reused from the cache) and each step's artifact. Each step shows in the progress
+    view."""
+    with step("stage1") as shown:
+        stage1, built1 = run_stage1(config, split, cache)
+        shown.reused = not built1
     if config.stage2.enabled:
         built, artifacts = _gmps_and_stage2(config, split, stage1, cache)
         backbone = artifacts["stage2"].path / "backbone"
     else:  # the "without GMPs" ablation: stage 3 fine-tunes the stage-1 HuBERT
         built, artifacts, backbone = {}, {}, stage1.path / "backbone"
-    stage3, built3 = run_stage3(config, split, backbone, cache)
+    with step("stage3") as shown:
+        stage3, built3 = run_stage3(config, split, backbone, cache)
+        shown.reused = not built3
     return {"stage1": built1, **built, "stage3": built3}, {"stage1": stage1, **artifacts, "stage3": stage3}
 
 
@@ -90,11 +97,21 @@ def _gmps_and_stage2(
             "extract": config.extract.model_copy(update={"layers": [config.gmp.layer]}),
         }
     )
-    features, built_features = extract_features(stage1_features, seen, cache)
-    gmps, built_gmps = build_gmps_on_cluster(
-        features, config.gmp.layer, config.gmp, config.experiment.seed, seen["utt_id"], cache
-    )
-    stage2, built2 = run_stage2(config, split, stage1.path / "backbone", gmps, cache)
+    with step("features") as shown:
+        features, built_features = extract_features(stage1_features, seen, cache)
+        meta = features.artifact.meta
+        shown.reused = not built_features
+        shown.detail = f"{meta['utterances']} utterances, {meta['frames']} frames"
+    with step("gmps") as shown:
+        gmps, built_gmps = build_gmps_on_cluster(
+            features, config.gmp.layer, config.gmp, config.experiment.seed, seen["utt_id"], cache
+        )
+        inertia = gmps.meta["inertia_per_frame"]
+        shown.reused = not built_gmps
+        shown.detail = "inertia/frame " + ", ".join(f"k={k} {v:.3f}" for k, v in inertia.items())
+    with step("stage2") as shown:
+        stage2, built2 = run_stage2(config, split, stage1.path / "backbone", gmps, cache)
+        shown.reused = not built2
     built = {"features": built_features, "gmps": built_gmps, "stage2": built2}
     return built, {"gmps": gmps.artifact, "stage2": stage2}
 
@@ -131,25 +148,26 @@ def run_cv(
         opened[fold] = _open_run(tracker, f"fold-{fold}", parent, fold_tags, resuming)
 
     try:
-        for fold, result in run_folds(config, manifest, folds, cache, open_fold):
-            run, logged = opened.pop(fold)
-            if not logged:
-                _track_fold(tracker, run, config, result, reports, resuming)
-                tracker.end(run)
-            total += np.asarray(result.confusion)
-            rows.append(
-                {
-                    "fold": fold,
-                    "war": result.war,
-                    "uar": result.uar,
-                    "val_uar": result.artifacts["stage3"].meta["best_val_uar"],
-                    "test_utterances": result.test_utterances,
-                    "reused": ",".join(k for k, built in result.built.items() if not built),
-                }
-            )
-            print(f"fold {fold}: WAR {result.war:.1%}  UAR {result.uar:.1%}", flush=True)
-            if on_fold:
-                on_fold(pd.DataFrame(rows))
+        with progress(f"cv {config.experiment.name}", [f"fold {f}" for f in folds], step_weights(config)):
+            for fold, result in run_folds(config, manifest, folds, cache, open_fold):
+                run, logged = opened.pop(fold)
+                if not logged:
+                    _track_fold(tracker, run, config, result, reports, resuming)
+                    tracker.end(run)
+                total += np.asarray(result.confusion)
+                rows.append(
+                    {
+                        "fold": fold,
+                        "war": result.war,
+                        "uar": result.uar,
+                        "val_uar": result.artifacts["stage3"].meta["best_val_uar"],
+                        "test_utterances": result.test_utterances,
+                        "reused": ",".join(k for k, built in result.built.items() if not built),
+                    }
+                )
+                say(f"fold {fold}: WAR {result.war:.1%}  UAR {result.uar:.1%}")
+                if on_fold:
+                    on_fold(pd.DataFrame(rows))
     except BaseException:
         for failed in [*(run for run, _ in opened.values()), parent]:
             tracker.end(failed, "FAILED")
@@ -181,6 +199,12 @@ def run_cv(
     return table
 
 
+def step_weights(config: Config) -> dict[str, float]:
+    """A fold's steps for the progress view, weighted by their epochs (features and GMPs: one each)."""
+    stage2 = {"features": 1, "gmps": 1, "stage2": config.stage2.optim.epochs} if config.stage2.enabled else {}
+    return {"stage1": config.stage1.optim.epochs, **stage2, "stage3": config.stage3.optim.epochs}
+
+
 def reports_folder(config: Config, tracker: Tracker, run: str) -> Path:
     """Where a CV's (or final model's) tables and figures are written before they are logged:
     ``<output_dir>/reports/<run id>`` (the ``offline-`` handle of a run started while MLflow was away), a
@@ -204,7 +228,7 @@ def run_folds(
         return
     from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
-    print(f"cv: up to {width} folds at once", flush=True)
+    say(f"cv: up to {width} folds at once")
     futures: dict[Any, Any] = {}
     with ThreadPoolExecutor(width, thread_name_prefix="fold") as pool:
 
@@ -383,7 +407,8 @@ def run_final(config: Config, manifest: pd.DataFrame, cache: ArtifactCache, trac
     try:
         split = final_split(config, manifest)
         tracker.metrics(run, {"train_utterances": len(split.train), "val_utterances": len(split.val)})
-        built, artifacts = train_stages(config, split, cache)
+        with progress(f"final {config.experiment.name}", ["final"], step_weights(config)), task("final"):
+            built, artifacts = train_stages(config, split, cache)
         best = artifacts["stage3"].meta["best_val_uar"]
         tracker.metrics(run, {"best_val_uar": best})
         _track_training(tracker, run, config, "final", built, artifacts, reports, resuming)

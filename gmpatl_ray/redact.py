@@ -71,7 +71,7 @@ def scrub_tree(tree: Any, secrets: list[str] | None = None) -> Any:
     return scrub(tree, secrets) if isinstance(tree, str) else tree
 
 
-class _ScrubbedStream(io.TextIOBase):
+class ScrubbedStream(io.TextIOBase):
     """A console stream that redacts each write before passing it on."""
 
     def __init__(self, stream, secrets: list[str]):
@@ -106,7 +106,7 @@ def scrubbed_console() -> Iterator[None]:
     from its workers) is scrubbed on its way to the console: the backstop behind the explicit redaction."""
     secrets = environment_secrets()
     saved = sys.stdout, sys.stderr
-    sys.stdout, sys.stderr = _ScrubbedStream(saved[0], secrets), _ScrubbedStream(saved[1], secrets)
+    sys.stdout, sys.stderr = ScrubbedStream(saved[0], secrets), ScrubbedStream(saved[1], secrets)
     try:
         yield
     finally:

@@ -19,6 +19,7 @@ import pandas as pd
 from .artifacts import ArtifactCache
 from .atomic import atomic_write_text
 from .config import Config, SweepConfig, config_from_dict, set_field, with_absolute_paths
+from .console import say
 from .devices import resolve_devices, with_devices
 from .pipeline import run_cv
 from .report import PARAM_TAG
@@ -106,8 +107,26 @@ def sweep_devices(config: Config, folder: Path, resume: bool) -> Config:
     chosen = json.loads(saved.read_text())
     extract = chosen["device"] if config.extract.device == "auto" else config.extract.device
     backend = chosen["backend"] if config.gmp.backend == "auto" else config.gmp.backend
-    print(f"devices: extract.device={extract}, gmp.backend={backend} (as when the sweep started)", flush=True)
+    say(f"devices: extract.device={extract}, gmp.backend={backend} (as when the sweep started)")
     return with_devices(config, extract, backend)
+
+
+def trial_lines():
+    """A Tune callback that says a console line per trial result and failure (Tune's own status table
+    goes to the run log)."""
+    from ray import tune
+
+    class TrialLines(tune.Callback):
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            say(
+                f"trial {trial.trial_id} {trial.config}: {result['folds_done']} fold(s), "
+                f"mean val UAR {result[OBJECTIVE]:.1%}, mean test UAR {result['mean_test_uar']:.1%}"
+            )
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            say(f"trial {trial.trial_id} {trial.config}: failed (its error is in the run log)")
+
+    return TrialLines()
 
 
 def run_sweep(config: Config, manifest: pd.DataFrame, folds: list, resume: bool = False) -> pd.DataFrame:
@@ -155,6 +174,7 @@ def run_sweep(config: Config, manifest: pd.DataFrame, folds: list, resume: bool 
                 name=config.experiment.name,
                 storage_path=str(storage),
                 failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
+                callbacks=[trial_lines()],
             ),
         )
     results = tuner.fit()

@@ -36,7 +36,10 @@ from .redact import REDACTED, environment_secrets, is_secret_name, scrub, url_se
 
 RESUMED_TAG = "gmpatl.resumed"
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
-"""What MLflow 3's UI reads to open an experiment on its runs (training) rather than its GenAI view."""
+"""How MLflow names a model-development experiment. MLflow 3.17's own UI does not read it (checked in a
+headless browser): it opens every experiment in its GenAI view unless the link says
+``?workflowType=machine_learning`` (:meth:`Tracker.ui_link`) or the user picked "Model training" once."""
+UI_WORKFLOW = "workflowType=machine_learning"
 TRANSIENT_CODES = {
     "INTERNAL_ERROR",  # also what a failed connection raises; a server's 500 on one record is retried
     "TEMPORARILY_UNAVAILABLE",
@@ -439,6 +442,15 @@ class Tracker:
             f"{self.queue.dead_letter} and the records after it go on",
             stacklevel=4,
         )
+
+    def ui_link(self) -> str:
+        """Where the experiment's runs open in the MLflow UI: on its HTTP server, or (an embedded store)
+        after ``mlflow ui`` on it, whose default address this is."""
+        experiment = f"#/experiments/{self.experiment_id}" if self.experiment_id else "#/experiments"
+        page = f"{experiment}?{UI_WORKFLOW}"
+        if self.server.startswith(("http://", "https://")):
+            return f"{self.server.rstrip('/')}/{page}"
+        return f"http://127.0.0.1:5000/{page} after: mlflow ui --backend-store-uri {self.server}"
 
     def _connect(self) -> None:
         from mlflow import MlflowClient

@@ -38,10 +38,13 @@ from torch.utils.data import Dataset
 from .artifacts import Artifact, ArtifactCache, Contents, file_records
 from .atomic import atomic_write_text
 from .config import Config, DataConfig, TrainConfig
+from .console import watching
 from .data.audio import load_audio
 from .errors import InputError
 
 CHECKPOINT_FILE = "state.pt"
+PROGRESS_FILE = "progress.json"
+PROGRESS_INTERVAL_S = 2.0
 POLL_INTERVAL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 
 
@@ -339,6 +342,14 @@ def record_placement(folder: Path, rank: int, device: torch.device) -> None:
     atomic_write_text(folder / WORKERS_FOLDER / f"rank{rank}.json", json.dumps(place))
 
 
+def write_progress(folder: Path, epochs: int, history: list[dict], batch: int, batches: int) -> None:
+    """Where the stage is, for the caller's progress view (:func:`gmpatl_ray.console.watching`): the
+    finished epochs' metrics and the batch of the running one, in the stage's run folder (shared storage).
+    Written by rank 0, replaced whole."""
+    state = {"epochs": epochs, "history": history, "batch": batch, "batches": batches}
+    atomic_write_text(folder / PROGRESS_FILE, json.dumps(state))
+
+
 def gather_placement(folder: Path, world: int, timeout_s: float = 300.0) -> list[dict[str, Any]]:
     """Every rank's :func:`record_placement`. Each rank writes its own at start, long before rank 0 gets
     here, unless the folder is not one storage for all of them."""
@@ -406,7 +417,8 @@ def train_fn(loop: dict[str, Any]) -> dict[str, Any] | None:
         torch.manual_seed(epoch_seed(config.experiment.seed, rank, epoch))
         model.train()
         total, count, started = 0.0, 0, time.perf_counter()
-        for batch in loader:
+        shown = started
+        for number, batch in enumerate(loader, 1):
             with torch.autocast(device.type, torch.bfloat16, enabled=config.train.precision == "bf16"):
                 loss = recipe.loss(model, batch, config)
             optimizer.zero_grad()
@@ -414,6 +426,9 @@ def train_fn(loop: dict[str, Any]) -> dict[str, Any] | None:
             optimizer.step()
             steps += 1
             total, count = total + loss.item() * len(batch["lengths"]), count + len(batch["lengths"])
+            if rank == 0 and time.perf_counter() - shown > PROGRESS_INTERVAL_S:
+                write_progress(run, optim.epochs, history, number, len(loader))
+                shown = time.perf_counter()
         seconds = time.perf_counter() - started
         spent["loop"] += seconds
         all_total, all_count = epoch_sums(total, count, device).tolist()
@@ -430,6 +445,7 @@ def train_fn(loop: dict[str, Any]) -> dict[str, Any] | None:
                 metrics |= {f"val_{k}": v for k, v in recipe.evaluate(unwrap(model), loop, config).items()}
                 spent["validation"] += time.perf_counter() - validating
                 history.append(metrics)
+                write_progress(run, optim.epochs, history, 0, len(loader))
                 if metrics["val_score"] > best["score"]:
                     best = {
                         "score": metrics["val_score"],
@@ -491,7 +507,8 @@ def fit(recipe: str, section: str, loop: dict[str, Any], train: TrainConfig, nam
             checkpoint_config=CheckpointConfig(num_to_keep=train.checkpoints_to_keep),
         ),
     )
-    done = trainer.fit().return_value
+    with watching(run_folder(train, name) / PROGRESS_FILE, section):
+        done = trainer.fit().return_value
     timing = stage_timing(submitted, done["clock"], done["spent"], time.time())
     return Contents(done["meta"] | {"timing": timing}, done["files"])
 

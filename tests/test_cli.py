@@ -105,15 +105,19 @@ def test_gpu_extraction_waits_for_a_gpu_instead_of_falling_back_to_the_cpu(ray_c
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
     reader.start()
+
+    def run_log() -> str:  # Ray Data's progress is there, not on the console
+        return "".join(path.read_text() for path in (tmp_path / "out" / "logs").glob("extract-*.log"))
+
     try:
         deadline = time.monotonic() + 120
-        while not any("(pending: 1 CPU, 1 GPU)" in line for line in lines):  # Ray Data's progress log
+        while "(pending: 1 CPU, 1 GPU)" not in run_log():
             assert proc.poll() is None, "".join(lines)[-3000:]
-            assert time.monotonic() < deadline, "".join(lines)[-3000:]
+            assert time.monotonic() < deadline, "".join(lines)[-3000:] + run_log()[-3000:]
             time.sleep(0.5)
         time.sleep(5)
         assert proc.poll() is None  # still waiting for a GPU
-        output = "".join(lines)
+        output = "".join(lines) + run_log()
         assert "features extracted" not in output and "running=1" not in output
         assert not list((tmp_path / "cache").glob("features/*/_COMPLETE.json"))
     finally:
@@ -178,6 +182,19 @@ def test_cv_runs_the_folds_and_tracks_them_in_mlflow(trained_fold, tracked_cv, t
     runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
     parent = runs["cv-gmpatl-demo"]
     assert table_run(result.stdout) == parent.info.run_id  # the run's reports are in a folder of its own
+    # The link opens the runs table, not MLflow 3.17's GenAI view (which the experiment tag does not change)
+    link = f"http://127.0.0.1:5000/#/experiments/{experiment.experiment_id}?workflowType=machine_learning"
+    assert f"MLflow UI: {link} after: mlflow ui --backend-store-uri {tracked_cv['uri']}" in result.stdout
+    # Every stage was reused, so the progress view says so for each, and nothing else of Ray's is shown
+    assert [
+        line.split(" · ")[1] for line in result.stdout.splitlines() if "reused from the cache" in line
+    ] == [
+        "stage1",
+        "features",
+        "gmps",
+        "stage2",
+        "stage3",
+    ]
     assert sorted(runs) == ["cv-gmpatl-demo", "fold-1", "fold-1-stage1", "fold-1-stage2", "fold-1-stage3"]
     assert runs["fold-1"].data.tags["mlflow.parentRunId"] == parent.info.run_id
     assert parent.data.metrics["mean_uar"] == pytest.approx(table["uar"].mean())

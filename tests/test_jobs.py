@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -174,6 +175,7 @@ def test_the_demo_cv_runs_as_a_job_on_several_nodes_and_writes_only_to_the_outpu
     )
     assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
     assert "succeeded" in submit.stdout and "fold 1: WAR" in submit.stdout, submit.stdout[-4000:]
+    assert_a_readable_console(submit.stdout, shared)
     # The job ran in the head's copy of the working dir; each worker in its own node's.
     copies = temps[0].glob("session_2*/runtime_resources/working_dir_files/_ray_pkg_*")
     found = [p for p in copies if p.is_dir()]
@@ -204,6 +206,26 @@ def test_the_demo_cv_runs_as_a_job_on_several_nodes_and_writes_only_to_the_outpu
     assert runs["fold-1"].data.tags["mlflow.parentRunId"] == runs["cv-gmpatl-demo"].info.run_id
     assert runs["fold-1"].data.metrics["test_uar"] == pytest.approx(stages["stage3"]["test"]["uar"], abs=1e-4)
     assert len(runs["fold-1-stage1"].data.tags["gmpatl.workers"].split()) == 2
+
+
+NOT_FOR_THE_CONSOLE = re.compile(
+    r"core_worker\.cc| E \d+ \d+\]|will hang|Traceback|WARNING|ERROR|\(\w+ pid=\d+"
+)
+"""Ray's error-level and warning lines, tracebacks, and lines forwarded from Ray's actors and workers."""
+
+
+def assert_a_readable_console(console: str, output_dir: Path) -> None:
+    """A demo fold's console, as `ray job submit` shows it: gmpatl's progress lines and results, a few
+    dozen lines in all, none of Ray's own; those are in the run log the first line names."""
+    lines = console.splitlines()
+    assert len(lines) <= 60, console
+    assert not [line for line in lines if NOT_FOR_THE_CONSOLE.search(line)], console
+    [log] = (output_dir / "logs").glob("cv-*.log")
+    assert f"log: {log} (Ray's and the workers' output)" in lines
+    for step in ("stage1 · epoch 1/1", "features · ", "gmps · ", "stage2 · epoch 1/1", "stage3 · epoch 1/1"):
+        assert sum(f"[1/1] fold 1 · {step}" in line for line in lines) == 1, (step, console)
+    written = log.read_text()
+    assert "(RayTrainWorker" in written and "(TrainController" in written  # the workers' output is kept
 
 
 def start_commands(node_type: str) -> str:
