@@ -245,7 +245,7 @@ class Progress:
                 for label, t in self.tasks.items()
                 if t.step
             ]
-        return f"{self.title}: {' | '.join(running) or 'starting'} · {self.times()}"
+        return f"{self.title}: {' | '.join(running) or 'between steps'} · {self.times()}"
 
 
 @contextmanager
