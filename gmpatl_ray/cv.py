@@ -83,6 +83,12 @@ def _stratified(rest: pd.DataFrame, val_fraction: float, seed: int) -> tuple[pd.
         n = int(round(len(group) * val_fraction))
         val_index += list(rng.choice(group.index.to_numpy(), size=min(n, len(group) - 1), replace=False))
     val = rest.loc[sorted(val_index)]
+    if val.empty:  # no epoch could be picked (the validation pass would crash at the first epoch)
+        per_emotion = rest.groupby("emotion").size().to_dict()
+        raise InputError(
+            f"train.val_fraction {val_fraction} of the training utterances per emotion {per_emotion} rounds "
+            "to no validation utterance; raise train.val_fraction or use train.validation=session"
+        )
     return rest.drop(index=val.index).reset_index(drop=True), val.reset_index(drop=True)
 
 

@@ -50,6 +50,15 @@ def test_a_fold_with_no_test_utterances():
         split_fold(only[only["session"] == 1], 1, 0.1, seed=0)
 
 
+def test_a_validation_share_that_rounds_to_nothing_is_an_error():
+    """4 utterances per emotion x 0.1 rounds to 0: no epoch could be picked (stage 1's first validation
+    pass crashed on it), so the split says which setting to change instead."""
+    small = manifest().groupby(["session", "emotion"]).head(2)
+    with pytest.raises(InputError, match=r"train.val_fraction 0.1 of the training utterances per emotion "):
+        split_fold(small, 1, 0.1, seed=0)
+    assert len(split_fold(small, 1, 0.25, seed=0).val) == 4  # one per emotion
+
+
 def test_session_validation_holds_out_the_next_whole_session():
     split = split_fold(manifest(), 2, 0.1, seed=0, validation="session")
     assert set(split.test["session"]) == {2}
