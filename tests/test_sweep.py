@@ -102,7 +102,7 @@ def test_a_resumed_sweep_keeps_the_devices_it_started_with(small_corpus, tmp_pat
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("ray_cluster")
-def test_four_trials_share_stages_1_and_2_per_fold(small_corpus, shared):
+def test_four_trials_share_stages_1_and_2_per_fold(small_corpus, shared, capsys):
     folder, manifest = small_corpus
     config = sweep_config(folder, shared, "margin-scale", SPACE)
     before = built_runs(shared)
@@ -115,6 +115,8 @@ def test_four_trials_share_stages_1_and_2_per_fold(small_corpus, shared):
         (0.3, 30),
     ]
     assert table["mean_val_uar"].is_monotonic_decreasing  # ranked by validation, never by test
+    said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("trial ")]
+    assert len(said) == 4 and all(": 1 fold(s), mean val UAR " in line for line in said)  # a line per trial
 
     trained = count(built_runs(shared) - before)
     assert trained == {"stage1": 1, "stage2": 1, "stage3": 4}  # stages 1 and 2 once for the fold
@@ -217,6 +219,7 @@ def test_a_killed_sweep_resumes_without_rerunning_and_a_failing_trial_is_marked_
     result = run(*command, "--resume", env=ray_cluster)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "1 of 2 trial(s) failed" in result.stdout
+    assert result.stdout.count("failed (its error is in the run log)") == 1  # the trial line, after a restore
     finished = [line for line in result.stdout.splitlines() if "| finished" in line]
     failed = [line for line in result.stdout.splitlines() if "| failed: " in line]
     assert len(finished) == 1 and "[4, 8]" in finished[0]
