@@ -56,7 +56,9 @@ def test_folds_run_side_by_side_give_what_they_give_one_after_another(small_corp
     """Two folds at once (`cv.max_concurrent_folds=2`, one 1-CPU worker per stage on the session's 2 CPUs)
     against the same CV one fold after another, each in a cache of its own: the same table, the same
     stage fingerprints and bit-for-bit the same weights, the same MLflow run tree; and the folds' stages
-    did overlap in time."""
+    did overlap in time. The one-after-another CV runs its stages in Ray Train's local mode (one process,
+    no worker group to start), which trains bit for bit what one worker trains
+    (``test_local_mode_trains_the_same_stage_as_one_worker``)."""
     folder, manifest = small_corpus
     quick = [
         *TINY_TRAINING,
@@ -65,8 +67,8 @@ def test_folds_run_side_by_side_give_what_they_give_one_after_another(small_corp
         "stage1.optim.epochs=2",
         "stage3.optim.epochs=1",
     ]
-    results = {}
-    for width in (1, 2):
+    results, threads = {}, torch.get_num_threads()
+    for width, workers in ((1, 0), (2, 1)):
         here = tmp_path / f"width{width}"
         config = small_config(
             folder,
@@ -74,10 +76,14 @@ def test_folds_run_side_by_side_give_what_they_give_one_after_another(small_corp
             f"experiment.cache_dir={here / 'cache'}",
             f"train.storage_path={here / 'ray'}",
             f"cv.max_concurrent_folds={width}",
+            f"train.num_workers={workers}",
             *quick,
         )
         tracker = Tracker("folds", None, here / "out")
-        table = run_cv(config, manifest, [1, 2], ArtifactCache(here / "cache"), tracker)
+        try:
+            table = run_cv(config, manifest, [1, 2], ArtifactCache(here / "cache"), tracker)
+        finally:
+            torch.set_num_threads(threads)  # local mode set this process's threads to the worker's
         client = MlflowClient(tracking_uri=tracker.uri)
         runs = client.search_runs([tracker.experiment_id])
         tree = sorted((r.info.run_name, r.info.status, r.data.tags.get("gmpatl.fold", "")) for r in runs)
