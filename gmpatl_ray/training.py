@@ -507,8 +507,12 @@ def fit(recipe: str, section: str, loop: dict[str, Any], train: TrainConfig, nam
             checkpoint_config=CheckpointConfig(num_to_keep=train.checkpoints_to_keep),
         ),
     )
-    with watching(run_folder(train, name) / PROGRESS_FILE, section):
-        done = trainer.fit().return_value
+    threads = torch.get_num_threads()  # local mode runs train_fn here, which sets the worker's threads
+    try:
+        with watching(run_folder(train, name) / PROGRESS_FILE, section):
+            done = trainer.fit().return_value
+    finally:
+        torch.set_num_threads(threads)
     timing = stage_timing(submitted, done["clock"], done["spent"], time.time())
     return Contents(done["meta"] | {"timing": timing}, done["files"])
 

@@ -67,7 +67,7 @@ def test_folds_run_side_by_side_give_what_they_give_one_after_another(small_corp
         "stage1.optim.epochs=2",
         "stage3.optim.epochs=1",
     ]
-    results, threads = {}, torch.get_num_threads()
+    results = {}
     for width, workers in ((1, 0), (2, 1)):
         here = tmp_path / f"width{width}"
         config = small_config(
@@ -80,10 +80,7 @@ def test_folds_run_side_by_side_give_what_they_give_one_after_another(small_corp
             *quick,
         )
         tracker = Tracker("folds", None, here / "out")
-        try:
-            table = run_cv(config, manifest, [1, 2], ArtifactCache(here / "cache"), tracker)
-        finally:
-            torch.set_num_threads(threads)  # local mode set this process's threads to the worker's
+        table = run_cv(config, manifest, [1, 2], ArtifactCache(here / "cache"), tracker)
         client = MlflowClient(tracking_uri=tracker.uri)
         runs = client.search_runs([tracker.experiment_id])
         tree = sorted((r.info.run_name, r.info.status, r.data.tags.get("gmpatl.fold", "")) for r in runs)
@@ -120,7 +117,13 @@ def test_local_mode_trains_the_same_stage_as_one_worker(small_corpus, trained_fo
     _, first = trained_fold
     storage = f"train.storage_path={tmp_path / 'ray'}"
     config = small_config(folder, storage, *TINY_TRAINING, "train.num_workers=0")
-    artifact, built = run_stage1(config, fold_split(config, manifest, 1), ArtifactCache(tmp_path / "cache"))
+    split, threads = fold_split(config, manifest, 1), torch.get_num_threads()
+    torch.set_num_threads(1)  # not the 2 a worker of this config takes
+    try:
+        artifact, built = run_stage1(config, split, ArtifactCache(tmp_path / "cache"))
+        assert torch.get_num_threads() == 1  # the caller's threads, as they were
+    finally:
+        torch.set_num_threads(threads)
     worker = first.artifacts["stage1"]
     assert built and artifact.path.name == worker.path.name  # the same fingerprint
     mine, theirs = saved_weights(artifact.path), saved_weights(worker.path)
