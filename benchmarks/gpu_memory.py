@@ -41,7 +41,7 @@ from gmpatl_ray.stages import stage1, stage2  # noqa: E402
 from gmpatl_ray.training import collate  # noqa: E402
 
 GIB = 1 << 30
-BASE = ["backbone.pretrained=null", "backbone.random_init={}"]  # HubertSize's defaults are HuBERT base's
+BASE = ["backbone.pretrained=null", "backbone.random_init={}"]  # BackboneSize's defaults are HuBERT base's
 TINY = [
     "backbone.pretrained=null",
     "backbone.random_init={hidden_size: 32, num_hidden_layers: 2, num_attention_heads: 2, "

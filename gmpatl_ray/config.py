@@ -116,34 +116,45 @@ class DataConfig(_Section):
         return self
 
 
-class HubertSize(_Section):
-    """A randomly initialised HuBERT for demos and tests; the defaults are HuBERT base's sizes."""
+BackboneFamily = Literal["hubert", "wavlm", "wav2vec2", "data2vec-audio"]
+"""The self-supervised speech models the method runs on: transformers' ``model_type`` of each."""
 
+
+class BackboneSize(_Section):
+    """A randomly initialised backbone for demos and tests; the defaults are HuBERT base's sizes."""
+
+    family: BackboneFamily = "hubert"
     hidden_size: PositiveInt = 768
     num_hidden_layers: PositiveInt = 12
     num_attention_heads: PositiveInt = 12
     intermediate_size: PositiveInt = 3072
     conv_dim: PositiveInt = 512
     """Channels of each of the 7 CNN feature-encoder layers."""
+    large_layout: bool = False
+    """The large checkpoints' layout: layer norm in every CNN layer and a pre-norm transformer (base models:
+    group norm in the first CNN layer, post-norm). data2vec-audio has one layout of its own for all sizes."""
 
     @model_validator(mode="after")
-    def _heads_divide(self) -> HubertSize:
+    def _heads_divide(self) -> BackboneSize:
         if self.hidden_size % self.num_attention_heads:
             raise ValueError("hidden_size must be a multiple of num_attention_heads")
         if self.hidden_size % 16:
             raise ValueError(
-                "hidden_size must be a multiple of 16 (HuBERT's 16 positional-convolution groups)"
+                "hidden_size must be a multiple of 16 (the backbones' 16 positional-convolution groups)"
             )
+        if self.large_layout and self.family == "data2vec-audio":
+            raise ValueError("large_layout: data2vec-audio has a single layout; leave it false")
         return self
 
 
 class BackboneConfig(_Section):
-    """HuBERT: pretrained weights (a local folder or a hub id) or a random model of a given size."""
+    """The backbone (HuBERT, WavLM, wav2vec 2.0 or data2vec-audio): pretrained weights (a local folder or a
+    hub id; the family is read from its config) or a random model of a given family and size."""
 
     pretrained: str | None = "facebook/hubert-base-ls960"
     allow_download: bool = False
     """Let Hugging Face download a hub id that is not in the local cache (off: never touch the network)."""
-    random_init: HubertSize | None = None
+    random_init: BackboneSize | None = None
 
     @model_validator(mode="after")
     def _one_source(self) -> BackboneConfig:

@@ -186,7 +186,7 @@ class HubertExtractor:
         return out
 
     def _forward(self, waves: list[np.ndarray]) -> list[dict[int, np.ndarray]]:
-        from .models.backbone import hubert_layers
+        from .models.backbone import backbone_layers
 
         torch = self.torch
         lengths = torch.tensor([len(w) for w in waves])
@@ -194,7 +194,7 @@ class HubertExtractor:
         for i, wave in enumerate(waves):  # torch.tensor copies: Arrow's arrays are read-only
             padded[i, : len(wave)] = torch.tensor(np.asarray(wave, dtype=np.float32))
         with torch.inference_mode(), torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
-            outputs, frames = hubert_layers(
+            outputs, frames = backbone_layers(
                 self.model, padded.to(self.device), lengths.to(self.device), self.layers
             )
         return [
@@ -255,13 +255,13 @@ def extract_features(
 ) -> tuple[FeatureStore, bool]:
     """The feature store for ``manifest`` under ``config``: reused when its fingerprint exists, else built
     with Ray Data on the connected Ray cluster. Returns the store and whether this call built it."""
-    from .models.backbone import hidden_state_index
+    from .models.backbone import backbone_depth, hidden_state_index
 
     inputs = feature_inputs(config, manifest)
     layers = inputs["layers"]
-    if config.backbone.random_init is not None:  # a pretrained model's depth is checked by the actors
-        for layer in layers:
-            hidden_state_index(layer, config.backbone.random_init.num_hidden_layers)
+    depth = backbone_depth(config.backbone)  # its config only: the driver loads no weights
+    for layer in layers:
+        hidden_state_index(layer, depth)
     key = fingerprint(inputs)
 
     def build(folder: Path) -> Contents:

@@ -100,24 +100,25 @@ def small_features(small_corpus, ray_cluster, tmp_path_factory):
 
 @contextmanager
 def model_work_here() -> Iterator[list[str]]:
-    """While open, every HuBERT built and every ``torch.load`` in this process, by name: what a driver or
+    """While open, every model built (any transformers model: the backbones of all families) and every
+    ``torch.load`` in this process, by name: what a driver or
     a Tune trial must not do (the model's work belongs to the Ray Train workers and tasks)."""
     import torch
     import transformers
 
     work: list[str] = []
-    hubert_init, torch_load = transformers.HubertModel.__init__, torch.load
+    model_init, torch_load = transformers.PreTrainedModel.__init__, torch.load
 
     def counted_init(self, *args, **kwargs):
         work.append(f"built {type(self).__name__}")
-        hubert_init(self, *args, **kwargs)
+        model_init(self, *args, **kwargs)
 
     def counted_load(*args, **kwargs):
         work.append(f"torch.load {args[0] if args else kwargs}")
         return torch_load(*args, **kwargs)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(transformers.HubertModel, "__init__", counted_init)
+        patch.setattr(transformers.PreTrainedModel, "__init__", counted_init)
         patch.setattr(torch, "load", counted_load)
         yield work
 

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from gmpatl_ray.config import HubertSize
+from gmpatl_ray.config import BackboneSize
 from gmpatl_ray.metrics import confusion, uar, war
-from gmpatl_ray.models.backbone import hubert_layers, random_hubert
+from gmpatl_ray.models.backbone import backbone_layers, random_backbone
 from gmpatl_ray.models.heads import FrameHeads, UtteranceEncoder, masked_mean
 from gmpatl_ray.models.losses import AMSoftmax
 from gmpatl_ray.models.masking import span_mask
@@ -65,17 +65,17 @@ def test_span_mask_statistics():
 
 
 def test_masked_frames_get_the_mask_embedding_and_change_the_output():
-    model = random_hubert(
-        HubertSize(
+    model = random_backbone(
+        BackboneSize(
             hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, conv_dim=32
         )
     ).eval()
     wave, length = torch.randn(1, 16000), torch.tensor([16000])
     with torch.no_grad():
-        plain, frames = hubert_layers(model, wave, length, [-1])
-        none_masked, _ = hubert_layers(model, wave, length, [-1], mask=torch.zeros(1, 49, dtype=torch.bool))
+        plain, frames = backbone_layers(model, wave, length, [-1])
+        none_masked, _ = backbone_layers(model, wave, length, [-1], mask=torch.zeros(1, 49, dtype=torch.bool))
         mask = span_mask(frames, 49, 0.8, 10, seed=0)
-        masked, _ = hubert_layers(model, wave, length, [-1], mask=mask)
+        masked, _ = backbone_layers(model, wave, length, [-1], mask=mask)
     torch.testing.assert_close(plain[-1], none_masked[-1])
     assert not torch.allclose(plain[-1], masked[-1])
 
@@ -115,8 +115,8 @@ def test_stage3_loss_is_the_am_softmax_loss():
     from gmpatl_ray.stages.stage3 import Stage3Model, loss
 
     config = load_config(None, ["stage1.lstm_hidden=8", "stage1.proj_dim=8"])
-    backbone = random_hubert(
-        HubertSize(
+    backbone = random_backbone(
+        BackboneSize(
             hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, conv_dim=32
         )
     ).eval()

@@ -1,71 +1,164 @@
-"""The HuBERT backbone: load pretrained weights offline-safely or build a random one, and pick layers.
+"""The backbone: HuBERT, WavLM, wav2vec 2.0 or data2vec-audio, loaded offline-safely or built at random,
+and a padding-exact batched forward that picks layers.
 
-Layers are named by negative index into HuBERT's hidden states, as the paper does: for HuBERT base the
+Layers are named by negative index into the model's hidden states, as the paper does: for HuBERT base the
 model returns 13 hidden states (the CNN/projection output, then one per transformer layer), and ``-3`` is
 the output of the third-to-last transformer layer (layer 10 of 12). Only transformer layers can be named:
-``-1`` .. ``-num_hidden_layers``.
+``-1`` .. ``-num_hidden_layers`` (24 for the large checkpoints).
+
+The four families share transformers' wav2vec 2.0 layout (CNN feature encoder, feature projection,
+positional convolution, transformer, ``masked_spec_embed``); what differs between them is in
+:data:`FAMILIES` and in the few lines of :func:`backbone_layers` that name a family.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, HubertConfig, HubertModel
+from transformers import (
+    AutoConfig,
+    Data2VecAudioConfig,
+    Data2VecAudioModel,
+    HubertConfig,
+    HubertModel,
+    PretrainedConfig,
+    PreTrainedModel,
+    Wav2Vec2Config,
+    Wav2Vec2Model,
+    WavLMConfig,
+    WavLMModel,
+)
 
-from ..config import BackboneConfig, HubertSize
+from ..config import BackboneConfig, BackboneSize
 from ..errors import InputError
+
+FAMILIES: dict[str, tuple[type[PretrainedConfig], type[PreTrainedModel]]] = {
+    "hubert": (HubertConfig, HubertModel),
+    "wavlm": (WavLMConfig, WavLMModel),
+    "wav2vec2": (Wav2Vec2Config, Wav2Vec2Model),
+    "data2vec-audio": (Data2VecAudioConfig, Data2VecAudioModel),
+}
+"""Supported backbones by transformers' ``model_type``: their config and model classes."""
+
+NORMALIZE_ATTRIBUTE = "gmpatl_normalize_waveform"
+"""Set on the model's config (and so saved in its config.json with the weights): whether the waveform is
+scaled to zero mean and unit variance before the CNN, as the checkpoint was trained."""
 
 
 class BackboneError(InputError):
     """The backbone cannot be loaded as configured; the message says how to provide it."""
 
 
-def load_backbone(cfg: BackboneConfig, seed: int = 0) -> HubertModel:
-    """A ``HubertModel`` from ``cfg.pretrained`` (local folder or hub id) or ``cfg.random_init``."""
+def load_backbone(cfg: BackboneConfig, seed: int = 0) -> PreTrainedModel:
+    """The backbone from ``cfg.pretrained`` (local folder or hub id) or ``cfg.random_init``."""
     if cfg.random_init is not None:
-        return random_hubert(cfg.random_init, seed)
+        return random_backbone(cfg.random_init, seed)
     return _from_pretrained(cfg.pretrained, cfg.allow_download)
 
 
-def random_hubert(size: HubertSize, seed: int = 0) -> HubertModel:
-    """A randomly initialised HuBERT of the given size, identical for the same seed."""
-    config = HubertConfig(
+def random_backbone(size: BackboneSize, seed: int = 0) -> PreTrainedModel:
+    """A randomly initialised backbone of the given family and size, identical for the same seed."""
+    config_class, model_class = FAMILIES[size.family]
+    layout = {}
+    if size.family != "data2vec-audio":  # its CNN is layer-normed and its transformer post-norm, always
+        layout = {
+            "feat_extract_norm": "layer" if size.large_layout else "group",
+            "do_stable_layer_norm": size.large_layout,
+        }
+    config = config_class(
         hidden_size=size.hidden_size,
         num_hidden_layers=size.num_hidden_layers,
         num_attention_heads=size.num_attention_heads,
         intermediate_size=size.intermediate_size,
         conv_dim=(size.conv_dim,) * 7,
+        **layout,
     )
+    setattr(config, NORMALIZE_ATTRIBUTE, _layer_normed_cnn(config))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return HubertModel(config)
+        return model_class(config)
 
 
-def _from_pretrained(name: str, allow_download: bool) -> HubertModel:
+def backbone_depth(cfg: BackboneConfig) -> int:
+    """Transformer layers of the configured backbone, read from its config alone (no weights loaded)."""
+    if cfg.random_init is not None:
+        return cfg.random_init.num_hidden_layers
+    return _pretrained_config(cfg.pretrained, cfg.allow_download)[0].num_hidden_layers
+
+
+def _pretrained_config(name: str, allow_download: bool) -> tuple[PretrainedConfig, str, bool]:
+    """The checkpoint's config (a supported family, checked), where to load it from and whether offline."""
     local = Path(name).expanduser()
     looks_local = local.exists() or name.startswith(("/", ".", "~")) or name.count("/") > 1
     if looks_local and not (local / "config.json").is_file():
         raise BackboneError(
-            f"backbone.pretrained={name!r}: no HuBERT checkpoint there (expected a folder with config.json "
+            f"backbone.pretrained={name!r}: no checkpoint there (expected a folder with config.json "
             "and model.safetensors, as written by save_pretrained)"
         )
     source, offline = (str(local) if looks_local else name), looks_local or not allow_download
     try:
         config = AutoConfig.from_pretrained(source, local_files_only=offline)
-        if not isinstance(config, HubertConfig):
-            raise BackboneError(f"backbone.pretrained={name!r} is a {config.model_type} model, not HuBERT")
-        return HubertModel.from_pretrained(source, config=config, local_files_only=offline)
     except (OSError, ValueError) as err:
-        hint = (
-            f"download it once where there is internet (`hf download {name} --local-dir DIR`) and set "
-            "backbone.pretrained to DIR, or set backbone.allow_download=true"
-            if not looks_local
-            else "check that the folder holds a HuBERT checkpoint saved with save_pretrained"
+        raise _load_error(name, looks_local, err) from None
+    if config.model_type not in FAMILIES:
+        raise BackboneError(
+            f"backbone.pretrained={name!r} is a {config.model_type} model; supported families: "
+            f"{', '.join(FAMILIES)}"
         )
-        raise BackboneError(f"backbone.pretrained={name!r} could not be loaded: {hint}. ({err})") from None
+    return config, source, offline
+
+
+def _from_pretrained(name: str, allow_download: bool) -> PreTrainedModel:
+    config, source, offline = _pretrained_config(name, allow_download)
+    if getattr(config, NORMALIZE_ATTRIBUTE, None) is None:  # a checkpoint this project did not save
+        setattr(config, NORMALIZE_ATTRIBUTE, _checkpoint_normalizes(config, source, offline))
+    try:
+        return FAMILIES[config.model_type][1].from_pretrained(source, config=config, local_files_only=offline)
+    except (OSError, ValueError) as err:
+        raise _load_error(name, Path(source).exists(), err) from None
+
+
+def _load_error(name: str, looks_local: bool, err: Exception) -> BackboneError:
+    hint = (
+        f"download it once where there is internet (`hf download {name} --local-dir DIR`) and set "
+        "backbone.pretrained to DIR, or set backbone.allow_download=true"
+        if not looks_local
+        else "check that the folder holds a checkpoint saved with save_pretrained"
+    )
+    return BackboneError(f"backbone.pretrained={name!r} could not be loaded: {hint}. ({err})")
+
+
+def _layer_normed_cnn(config: PretrainedConfig) -> bool:
+    return getattr(config, "feat_extract_norm", "layer") == "layer"
+
+
+def _checkpoint_normalizes(config: PretrainedConfig, source: str, offline: bool) -> bool:
+    """The checkpoint's own feature extractor's ``do_normalize`` (preprocessor_config.json) where it has
+    one; else fairseq's convention: models with a layer-normed CNN (the large ones, data2vec) were trained
+    on normalised waveforms, the group-normed base models on raw ones."""
+    from transformers.utils import cached_file
+
+    found = cached_file(
+        source,
+        "preprocessor_config.json",
+        local_files_only=offline,
+        _raise_exceptions_for_missing_entries=False,
+        _raise_exceptions_for_connection_errors=False,
+    )
+    if found:
+        settings = json.loads(Path(found).read_text())
+        if "do_normalize" in settings:
+            return bool(settings["do_normalize"])
+    return _layer_normed_cnn(config)
+
+
+def normalizes_waveform(config: PretrainedConfig) -> bool:
+    normalize = getattr(config, NORMALIZE_ATTRIBUTE, None)
+    return _layer_normed_cnn(config) if normalize is None else bool(normalize)
 
 
 def hidden_state_index(layer: int, num_hidden_layers: int) -> int:
@@ -78,7 +171,7 @@ def hidden_state_index(layer: int, num_hidden_layers: int) -> int:
     return num_hidden_layers + 1 + layer
 
 
-def truncate_layers(model: HubertModel, deepest: int) -> HubertModel:
+def truncate_layers(model: PreTrainedModel, deepest: int) -> PreTrainedModel:
     """Drop the transformer layers after ``deepest`` (negative index; for several layers, the largest) in
     place: extracting layer -3 of 12 then runs 10 layers, not 12. Only for a model used for nothing else."""
     keep = hidden_state_index(deepest, model.config.num_hidden_layers)
@@ -96,13 +189,13 @@ def conv_geometry(config) -> tuple[int, int]:
     return stride, receptive_field
 
 
-def frame_counts(model: HubertModel, num_samples: torch.Tensor) -> torch.Tensor:
-    """HuBERT frames (50 a second) for waveforms of ``num_samples`` samples."""
+def frame_counts(model: PreTrainedModel, num_samples: torch.Tensor) -> torch.Tensor:
+    """Backbone frames (50 a second for all four families) for waveforms of ``num_samples`` samples."""
     return model._get_feat_extract_output_lengths(num_samples).long()
 
 
-def hubert_layers(
-    model: HubertModel,
+def backbone_layers(
+    model: PreTrainedModel,
     waves: torch.Tensor,
     lengths: torch.Tensor,
     layers: list[int],
@@ -110,10 +203,12 @@ def hubert_layers(
 ) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
     """Outputs of transformer ``layers`` (negative indices) for a zero-padded batch, and frames per item.
 
-    Padding counts for nothing, so an utterance gets the same features alone or in any batch: the
-    transformer gets the frame attention mask, and the first CNN layer's group norm (HuBERT base
-    normalises each channel over time) takes its statistics over the valid samples only. Plain
-    ``HubertModel(input_values, attention_mask)`` lets the padding shift those statistics.
+    Padding counts for nothing, so an utterance gets the same features alone or in any batch: the waveform
+    is normalised (where the checkpoint was trained so) over its valid samples, the first CNN layer's group
+    norm (the base models normalise each channel over time) takes its statistics over the valid samples,
+    data2vec's stacked positional convolutions see zeros past each item's frames, and the transformer gets
+    the frame attention mask. Plain ``model(input_values, attention_mask)`` lets the padding leak into all
+    three.
 
     ``mask`` (B, frames), for stage 2, replaces the masked frames of the CNN features by the model's learned
     mask embedding before the transformer (see :mod:`gmpatl_ray.models.masking`).
@@ -122,6 +217,8 @@ def hubert_layers(
     wanted = {layer: hidden_state_index(layer, num_layers) for layer in layers}
     if max(wanted.values()) > len(model.encoder.layers):
         raise BackboneError(f"layers {layers} need more than the {len(model.encoder.layers)} layers kept")
+    if normalizes_waveform(model.config):
+        waves = _normalized(waves, lengths)
     frames = frame_counts(model, lengths)
     features = _feature_encoder(model, waves, lengths).transpose(1, 2)
     frame_mask = torch.arange(features.shape[1], device=waves.device)[None, :] < frames[:, None]
@@ -139,7 +236,12 @@ def hubert_layers(
 
         return hook
 
+    def zero_padding(_module, _inputs, output):  # data2vec: (B, channels, frames) between its conv layers
+        return output * frame_mask[:, None, :].to(output.dtype)
+
     hooks = [model.encoder.layers[i - 1].register_forward_hook(keep(i)) for i in set(wanted.values())]
+    if model.config.model_type == "data2vec-audio":
+        hooks += [layer.register_forward_hook(zero_padding) for layer in model.encoder.pos_conv_embed.layers]
     try:
         with _positional_conv_kernel(hidden):
             model.encoder(hidden, attention_mask=frame_mask)
@@ -149,10 +251,20 @@ def hubert_layers(
     outputs = {}
     for layer, index in wanted.items():
         out = captured[index]
-        if model.config.do_stable_layer_norm and index == num_layers:  # HF's last hidden state is normed
+        if getattr(model.config, "do_stable_layer_norm", False) and index == num_layers:  # HF norms the last
             out = model.encoder.layer_norm(out)
         outputs[layer] = out
     return outputs, frames
+
+
+def _normalized(waves: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Each waveform at zero mean and unit variance over its valid samples, padding left at zero: what
+    transformers' ``Wav2Vec2FeatureExtractor(do_normalize=True)`` does to one utterance at a time."""
+    valid = (torch.arange(waves.shape[1], device=waves.device)[None, :] < lengths[:, None]).to(waves.dtype)
+    count = lengths[:, None].to(waves.dtype).clamp(min=1)
+    mean = (waves * valid).sum(1, keepdim=True) / count
+    var = (((waves - mean) * valid) ** 2).sum(1, keepdim=True) / count
+    return (waves - mean) / torch.sqrt(var + 1e-7) * valid
 
 
 SHORT_FRAMES = 256
@@ -175,10 +287,10 @@ def _positional_conv_kernel(hidden: torch.Tensor) -> Iterator[None]:
         yield
 
 
-def _feature_encoder(model: HubertModel, waves: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+def _feature_encoder(model: PreTrainedModel, waves: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """The CNN feature encoder with the first layer's group norm restricted to each item's valid samples."""
     encoder = model.feature_extractor
-    if model.config.feat_extract_norm != "group" or bool((lengths == waves.shape[1]).all()):
+    if _layer_normed_cnn(model.config) or bool((lengths == waves.shape[1]).all()):
         return encoder(waves)  # layer norm is per time step, or there is no padding: nothing can leak
     first = encoder.conv_layers[0]
     h = first.conv(waves[:, None, :])

@@ -3,7 +3,7 @@
 Spans of ``mask_length`` frames start at about ``mask_prob * frames / mask_length`` random positions of
 each utterance's valid frames (transformers' own ``_compute_mask_indices``, the function HuBERT uses), so
 with the HuBERT defaults (0.8, 10) about half of the frames are masked, overlaps included. Masked frames are
-replaced by the model's learned mask embedding inside :func:`gmpatl_ray.models.backbone.hubert_layers`.
+replaced by the model's learned mask embedding inside :func:`gmpatl_ray.models.backbone.backbone_layers`.
 """
 
 from __future__ import annotations

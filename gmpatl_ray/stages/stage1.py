@@ -22,7 +22,7 @@ from ..config import Config, Stage1Config
 from ..cv import FoldSplit
 from ..evaluation import EvalLimits, emotion_scores
 from ..features import backbone_identity
-from ..models.backbone import hubert_layers, load_backbone
+from ..models.backbone import backbone_layers, load_backbone
 from ..models.heads import UtteranceEncoder
 from ..training import (
     emotion_dataset,
@@ -50,7 +50,7 @@ class Stage1Model(nn.Module):
 
     def frames(self, waves: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """HuBERT's last layer (B, T, dim) and the frames of each item."""
-        outputs, frames = hubert_layers(self.backbone, waves, lengths, [-1])
+        outputs, frames = backbone_layers(self.backbone, waves, lengths, [-1])
         return outputs[-1], frames
 
     def heads(self, hidden: torch.Tensor, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

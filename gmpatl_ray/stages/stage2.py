@@ -31,7 +31,7 @@ from ..data.audio import load_audio
 from ..evaluation import EvalLimits, batch_of, passes
 from ..features import backbone_identity
 from ..gmp import GMPStore
-from ..models.backbone import conv_geometry, frame_counts, hubert_layers, load_backbone
+from ..models.backbone import backbone_layers, conv_geometry, frame_counts, load_backbone
 from ..models.heads import FrameHeads
 from ..models.masking import span_mask
 from ..training import (
@@ -57,7 +57,7 @@ class Stage2Model(nn.Module):
     def forward(
         self, waves: torch.Tensor, lengths: torch.Tensor, mask: torch.Tensor
     ) -> dict[int, torch.Tensor]:
-        outputs, _ = hubert_layers(self.backbone, waves, lengths, [-1], mask=mask)
+        outputs, _ = backbone_layers(self.backbone, waves, lengths, [-1], mask=mask)
         return self.heads(outputs[-1])
 
 
