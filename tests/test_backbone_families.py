@@ -9,9 +9,11 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import REPO
 from transformers import SEWConfig, SEWModel, Wav2Vec2FeatureExtractor
 
-from gmpatl_ray.config import BackboneConfig, BackboneSize
+from gmpatl_ray.config import BackboneConfig, BackboneSize, load_config
+from gmpatl_ray.errors import InputError
 from gmpatl_ray.models.backbone import (
     NORMALIZE_ATTRIBUTE,
     BackboneError,
@@ -22,6 +24,7 @@ from gmpatl_ray.models.backbone import (
     normalizes_waveform,
     random_backbone,
 )
+from gmpatl_ray.training import prepare_backbone
 
 TINY = {"hidden_size": 32, "num_hidden_layers": 3, "num_attention_heads": 2, "intermediate_size": 64}
 LAYOUTS = [
@@ -128,6 +131,20 @@ def test_a_24_layer_model_names_layers_down_to_minus_24(tmp_path):
     assert hidden_state_index(-24, 24) == 1 and hidden_state_index(-3, 24) == 22
     with pytest.raises(BackboneError, match="out of range .* 24 transformer layers: use -1 .. -24"):
         hidden_state_index(-25, 24)
+
+
+def test_a_checkpoint_without_a_mask_embedding_is_refused_before_training(tmp_path):
+    """Such a checkpoint (its config masks nothing, so transformers builds no ``masked_spec_embed``) could
+    not run stage 2: every stage refuses it when it prepares the backbone, before any training."""
+    model = tiny("wav2vec2")
+    model.config.mask_time_prob = 0.0
+    type(model)(model.config).save_pretrained(tmp_path / "unmasked")
+    backbone = load_backbone(BackboneConfig(pretrained=str(tmp_path / "unmasked")))
+    config = load_config(REPO / "configs" / "demo.yaml")
+    assert getattr(backbone, "masked_spec_embed", None) is None
+    with pytest.raises(InputError, match="the wav2vec2 backbone has no mask embedding .* set mask_time_prob"):
+        prepare_backbone(backbone, config)
+    prepare_backbone(tiny("wav2vec2"), config)  # transformers' default config masks: accepted
 
 
 def test_data2vec_has_no_large_layout_switch():
