@@ -2,7 +2,9 @@
 
 ``gmpatl report`` finds a CV parent run (the latest of the experiment, or one given by id), reads its fold
 runs and prints the per-fold WAR/UAR table with the mean and standard deviation over folds. With
-``--sweep NAME`` it prints one row per trial of that sweep: the swept values and the means over folds.
+``--sweep NAME`` it prints one row per trial of that sweep: the swept values and the means over folds; a
+sweep over ``backbone.pretrained`` (``configs/backbones.yaml``) gets the published frozen-backbone figure of
+each checkpoint beside its row.
 """
 
 from __future__ import annotations
@@ -14,6 +16,34 @@ from .tracking import filter_value
 
 PARAM_TAG = "gmpatl.param."
 """Tag prefix of a sweep trial's swept values (set by :mod:`gmpatl_ray.sweep`)."""
+
+
+REFERENCE_COLUMN = "frozen probe WA %"
+FROZEN_PROBE_WA = {
+    "facebook/wav2vec2-base": 63.4,
+    "facebook/hubert-base-ls960": 64.9,
+    "microsoft/wavlm-base": 65.9,
+    "microsoft/wavlm-base-plus": 68.0,
+    "facebook/hubert-large-ll60k": 67.6,
+    "microsoft/wavlm-large": 70.0,
+}
+"""IEMOCAP 4-class leave-one-session-out weighted accuracy of each checkpoint frozen, with a linear probe on
+its layers (the SUPERB ER protocol), as tabulated in the emotion2vec paper (Ma et al., 2023, Table 2): what
+the backbone gives without any of GMP-ATL's training, a floor to read a trial's WAR against, not a result of
+this method. Checkpoints without a figure there show none."""
+REFERENCE_NOTE = (
+    f"{REFERENCE_COLUMN}: the checkpoint frozen with a linear probe (SUPERB ER, IEMOCAP 4 classes, leave one "
+    "session out; emotion2vec paper, Table 2), not GMP-ATL: compare with WAR %"
+)
+
+
+def frozen_probe_wa(checkpoint: str) -> float | None:
+    """The figure of a hub id, or of a local copy named as the hub id's last part (``hf download
+    microsoft/wavlm-large --local-dir /models/wavlm-large``); None for any other checkpoint."""
+    if checkpoint in FROZEN_PROBE_WA:
+        return FROZEN_PROBE_WA[checkpoint]
+    name = checkpoint.rstrip("/").rsplit("/", 1)[-1]
+    return next((wa for hub_id, wa in FROZEN_PROBE_WA.items() if hub_id.rsplit("/", 1)[-1] == name), None)
 
 
 class ReportError(InputError):
@@ -105,7 +135,12 @@ def format_sweep(table: pd.DataFrame) -> str:
     shown.insert(len(shown.columns) - 3, "WAR %", _mean_std(table["mean_war"], table["std_war"]))
     best = table["mean_val_uar"].idxmax() if table["mean_val_uar"].notna().any() else None
     shown["best"] = ["*" if i == best else "" for i in table.index]
-    return shown.to_markdown(index=False, floatfmt=".4f")
+    if "backbone.pretrained" not in table.columns:
+        return shown.to_markdown(index=False, floatfmt=".4f")
+    reference = [frozen_probe_wa(name) for name in table["backbone.pretrained"]]
+    shown.insert(shown.columns.get_loc("WAR %") + 1, REFERENCE_COLUMN, pd.Series(reference, dtype=object))
+    formats = [".1f" if column == REFERENCE_COLUMN else ".4f" for column in shown.columns]
+    return shown.to_markdown(index=False, floatfmt=formats, missingval="") + "\n" + REFERENCE_NOTE
 
 
 def _mean_std(mean: pd.Series, std: pd.Series) -> list[str]:

@@ -182,7 +182,7 @@ def test_extends_takes_a_list_merged_in_order(tmp_path):
         load_config(tmp_path / "bad.yaml")
 
 
-CLUSTER_CONFIGS = ["cluster.yaml", "cluster-table3.yaml", "cluster-table4.yaml"]
+CLUSTER_CONFIGS = ["cluster.yaml", "cluster-table3.yaml", "cluster-table4.yaml", "cluster-backbones.yaml"]
 
 
 @pytest.mark.parametrize("name", CLUSTER_CONFIGS)
@@ -196,6 +196,8 @@ def test_cluster_configs_put_every_path_on_shared_storage_and_state_every_device
         value = (raw.get(section) or {}).get(field)
         assert value is None or value.startswith("/mnt/shared/"), (key, value)
     assert config.backbone.pretrained.startswith("/mnt/shared/")
+    swept = config.sweep.space.get("backbone.pretrained") if config.sweep else None
+    assert swept is None or all(path.startswith("/mnt/shared/") for path in swept.grid), swept
     devices = (config.extract.device, config.gmp.backend, config.train.use_gpu, config.predict.device)
     assert devices == ("cuda", "cuml", True, "cuda")
     assert 0 < config.train.data_loaders() < config.train.cpus_per_worker and config.train.pin_memory

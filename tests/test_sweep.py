@@ -1,7 +1,8 @@
-"""Ray Tune sweeps on a real local Ray cluster: 4 trials over stage 3's margin and scale train stage 1 and
-stage 2 once for the fold (counted as Ray Train runs), each trial lands in MLflow with its fold run, and
-`gmpatl report --sweep` prints them; the paper's Table 3 and 4 sweeps run on the demo corpus; a sweep
-whose driver is killed resumes, and a trial that always raises is retried, then listed as failed."""
+"""Ray Tune sweeps on a real local Ray cluster: the paper's Table 3 as 4 trials that train stage 1 and
+stage 2 once for the fold (counted as Ray Train runs), each trial in MLflow with its fold run, and
+`gmpatl report --sweep` printing them; Table 4 on the stages Table 3 left; a sweep whose driver is killed
+resumes, and a trial that always raises is retried, then listed as failed. A backbone sweep's report
+stands beside the published frozen-backbone figures."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import json
 import os
 import subprocess
 
+import pandas as pd
 import pytest
 from conftest import REPO, TINY_TRAINING, small_config
 from mlflow import MlflowClient
@@ -17,10 +19,11 @@ from test_cli import GMPATL, run
 from test_faults import runs_by_name
 
 from gmpatl_ray.config import ConfigError, dump_config, load_config
+from gmpatl_ray.gmp_report import report_backbones
+from gmpatl_ray.report import REFERENCE_COLUMN, format_sweep
 from gmpatl_ray.sweep import DEVICES_FILE, run_sweep, sweep_devices, trial_config
 
 SPACE = "sweep={space: {stage3.margin: {grid: [0.2, 0.3]}, stage3.scale: {grid: [10, 30]}}}"
-"""Holds the defaults (0.2, 30): the Table 3/4 and resume sweeps below reuse that trial's stages."""
 STAGES = ("stage1", "stage2", "stage3")
 
 
@@ -82,6 +85,54 @@ def test_a_sweep_config_extends_the_demo():
     assert set(sweep.sweep.space) == {"stage3.margin", "stage3.scale"}
 
 
+CHECKPOINTS = [
+    "facebook/hubert-base-ls960",
+    "facebook/hubert-large-ll60k",
+    "microsoft/wavlm-base",
+    "microsoft/wavlm-base-plus",
+    "microsoft/wavlm-large",
+    "facebook/wav2vec2-base",
+    "facebook/wav2vec2-large-lv60",
+    "facebook/data2vec-audio-base",
+    "facebook/data2vec-audio-large",
+]
+
+
+def test_the_backbone_sweep_is_every_familys_base_and_large_checkpoint():
+    config = load_config(REPO / "configs" / "backbones.yaml")
+    assert config.sweep.space["backbone.pretrained"].grid == CHECKPOINTS  # the README's table
+    compared = [c.backbone.pretrained for c in report_backbones(config)]  # what gmp-report compares
+    assert compared == CHECKPOINTS
+    assert config.extract.layers == list(range(-1, -13, -1))  # the base models' 12 layers, in every model
+    assert (config.train.precision, config.train.gradient_checkpointing) == ("bf16", True)
+
+
+def test_a_backbone_sweep_is_reported_beside_the_published_frozen_probe_figures():
+    table = pd.DataFrame(
+        {
+            "trial": ["t0", "t1", "t2"],
+            "backbone.pretrained": ["microsoft/wavlm-large", "/models/wav2vec2-base/", "/my/checkpoint"],
+            "mean_val_uar": [0.71, 0.62, 0.5],
+            "mean_uar": [0.752, 0.66, 0.4],
+            "std_uar": [0.01, 0.02, 0.0],
+            "mean_war": [0.741, 0.65, 0.4],
+            "std_war": [0.01, 0.02, 0.0],
+            "folds": [5, 5, 5],
+            "status": ["FINISHED"] * 3,
+        }
+    )
+    text = format_sweep(table)
+    header, _, *lines = [[c.strip() for c in line.split("|")] for line in text.splitlines()[:5]]
+    rows = {cells[2]: cells for cells in lines}
+    column = header.index(REFERENCE_COLUMN)
+    assert header[column - 1] == "WAR %"  # read beside the trial's WAR
+    assert rows["microsoft/wavlm-large"][column - 1 : column + 1] == ["74.1 ± 1.0", "70.0"]
+    assert rows["/models/wav2vec2-base/"][column] == "63.4"  # a local copy named as README says
+    assert rows["/my/checkpoint"][column] == ""  # no published figure: none shown
+    assert "linear probe" in text and "not GMP-ATL" in text
+    assert REFERENCE_COLUMN not in format_sweep(table.drop(columns="backbone.pretrained").assign(x=[1, 2, 3]))
+
+
 @pytest.mark.usefixtures("ray_cluster")
 def test_a_resumed_sweep_keeps_the_devices_it_started_with(small_corpus, tmp_path, capsys):
     """``auto`` is resolved when a sweep starts and kept with it: a resume on a cluster whose GPUs came or
@@ -100,30 +151,41 @@ def test_a_resumed_sweep_keeps_the_devices_it_started_with(small_corpus, tmp_pat
     assert (again.extract.device, again.gmp.backend) == ("cpu", "faiss")
 
 
+def shipped_space(table: str) -> str:
+    """The ``sweep`` override that runs a shipped sweep's space on fold 1."""
+    space = load_config(REPO / "configs" / f"{table}.yaml").sweep.space
+    values = json.dumps({k: v.model_dump(exclude_none=True) for k, v in space.items()})
+    return f"sweep={{space: {values}, folds: [1]}}"
+
+
 @pytest.mark.slow
 @pytest.mark.usefixtures("ray_cluster")
-def test_four_trials_share_stages_1_and_2_per_fold(small_corpus, shared, capsys):
+def test_the_papers_table3_is_four_trials_that_share_stages_1_and_2_per_fold(small_corpus, shared, capsys):
+    """Table 3's shipped space (GMPs on/off x CE/AM-Softmax) on the demo corpus: stage 1 once for the fold,
+    stage 2 once (for "on"), stage 3 per trial. Its (on, AM-Softmax) trial is the config's defaults: the
+    Table 4 and resume sweeps below reuse that trial's stages."""
     folder, manifest = small_corpus
-    config = sweep_config(folder, shared, "margin-scale", SPACE)
+    config = sweep_config(folder, shared, "table3", shipped_space("table3"))
+    assert set(config.sweep.space) == {"stage2.enabled", "stage3.loss"}
     before = built_runs(shared)
     table = run_sweep(config, manifest, [1])
     assert len(table) == 4 and (table["folds_done"] == 1).all()
-    assert sorted(zip(table["stage3.margin"], table["stage3.scale"], strict=True)) == [
-        (0.2, 10),
-        (0.2, 30),
-        (0.3, 10),
-        (0.3, 30),
+    assert sorted(zip(table["stage2.enabled"], table["stage3.loss"], strict=True)) == [
+        (False, "amsoftmax"),
+        (False, "ce"),
+        (True, "amsoftmax"),
+        (True, "ce"),
     ]
     assert table["mean_val_uar"].is_monotonic_decreasing  # ranked by validation, never by test
     said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("trial ")]
     assert len(said) == 4 and all(": 1 fold(s), mean val UAR " in line for line in said)  # a line per trial
 
     trained = count(built_runs(shared) - before)
-    assert trained == {"stage1": 1, "stage2": 1, "stage3": 4}  # stages 1 and 2 once for the fold
+    assert trained == {"stage1": 1, "stage2": 1, "stage3": 4}  # stage 1 once for the fold, stage 2 once
 
     client = MlflowClient(tracking_uri=f"sqlite:///{shared / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("sweep-test").experiment_id
-    trials = client.search_runs([experiment], "tags.`gmpatl.sweep` = 'margin-scale'")
+    trials = client.search_runs([experiment], "tags.`gmpatl.sweep` = 'table3'")
     assert len(trials) == 4
     # ``auto`` was resolved once, by the sweep, for every trial (the config said auto)
     assert config.extract.device == "auto" and config.gmp.backend == "auto"
@@ -135,46 +197,41 @@ def test_four_trials_share_stages_1_and_2_per_fold(small_corpus, shared, capsys)
         )
         assert [f.data.tags["gmpatl.fold"] for f in folds] == ["1"]
 
-    config_file = shared / "margin-scale.yaml"
+    config_file = shared / "table3.yaml"
     config_file.write_text(dump_config(config))
-    report = run(str(GMPATL), "report", "--config", str(config_file), "--sweep", "margin-scale")
+    report = run(str(GMPATL), "report", "--config", str(config_file), "--sweep", "table3")
     assert report.returncode == 0, report.stderr[-3000:]
-    assert "sweep 'margin-scale' in experiment 'sweep-test'" in report.stdout
-    assert ": 4 trial(s)" in report.stdout
+    assert "sweep 'table3' in experiment 'sweep-test'" in report.stdout and ": 4 trial(s)" in report.stdout
     rows = [line for line in report.stdout.splitlines() if line.startswith("| trial_")]
-    assert len(rows) == 4
+    assert len(rows) == 4 and all("FINISHED" in row for row in rows)  # one row per trial, each finished
+    header = next(line for line in report.stdout.splitlines() if line.startswith("| trial"))
+    assert all(f" {key} " in header for key in config.sweep.space) and "UAR %" in header and "WAR %" in header
 
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("ray_cluster")
-@pytest.mark.parametrize(
-    ("table", "space", "at_most"),
-    [
-        # GMPs on/off x CE/AM-Softmax: stage 1 once, stage 2 for "on" only, stage 3 per trial
-        ("table3", None, {"stage1": 1, "stage2": 1, "stage3": 4}),
-        # the tiny HuBERT has 3 layers: -1 and -2 stand for the paper's -1 .. -8
-        ("table4", "{gmp.layer: {grid: [-1, -2]}}", {"stage1": 1, "stage2": 2, "stage3": 2}),
-    ],
-)
-def test_the_papers_tables_run_as_sweeps_and_report(small_corpus, shared, table, space, at_most):
-    """Stages an earlier sweep here built with the same settings are reused, hence "at most"."""
+def test_the_papers_table4_runs_as_a_sweep_and_reports(small_corpus, shared):
+    """The GMP layer: the tiny HuBERT has 3 layers, so -1 and -2 stand for the paper's -1 .. -8. Layer -2's
+    stages come from Table 3's sweep (hence "at most"); -1 gets its own GMPs, stage 2 and stage 3."""
     folder, manifest = small_corpus
-    shipped = load_config(REPO / "configs" / f"{table}.yaml").sweep
-    space = space or json.dumps({k: v.model_dump(exclude_none=True) for k, v in shipped.space.items()})
-    config = sweep_config(folder, shared, table, f"sweep={{space: {space}, folds: [1]}}")
+    assert set(load_config(REPO / "configs" / "table4.yaml").sweep.space) == {"gmp.layer"}
+    config = sweep_config(
+        folder, shared, "table4", "sweep={space: {gmp.layer: {grid: [-1, -2]}}, folds: [1]}"
+    )
     before = built_runs(shared)
     table_rows = run_sweep(config, manifest, [1])
-    assert len(table_rows) == at_most["stage3"] and (table_rows["folds_done"] == 1).all()  # every trial ran
+    assert len(table_rows) == 2 and (table_rows["folds_done"] == 1).all()  # every trial ran
     trained = count(built_runs(shared) - before)
+    at_most = {"stage1": 1, "stage2": 2, "stage3": 2}
     assert all(trained[stage] <= at_most[stage] for stage in STAGES), trained
 
-    config_file = shared / f"{table}.yaml"
+    config_file = shared / "table4.yaml"
     config_file.write_text(dump_config(config))
-    report = run(str(GMPATL), "report", "--config", str(config_file), "--sweep", table)
+    report = run(str(GMPATL), "report", "--config", str(config_file), "--sweep", "table4")
     assert report.returncode == 0, report.stderr[-3000:]
     header = next(line for line in report.stdout.splitlines() if line.startswith("| trial"))
-    assert all(f" {key} " in header for key in config.sweep.space) and "UAR %" in header and "WAR %" in header
-    assert report.stdout.count("FINISHED") == at_most["stage3"]  # one row per trial, each finished
+    assert " gmp.layer " in header and "UAR %" in header and "WAR %" in header
+    assert report.stdout.count("FINISHED") == 2  # one row per trial, each finished
 
 
 @pytest.mark.slow
