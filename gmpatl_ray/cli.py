@@ -92,7 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     cluster = commands.add_parser("cluster", help="extract, then multi-scale k-means pseudo-labels (GMPs)")
     _config_args(cluster)
     gmp_report = commands.add_parser(
-        "gmp-report", help="purity and NMI of GMPs vs emotion and gender for each of extract.layers"
+        "gmp-report",
+        help="purity and NMI of GMPs vs emotion and gender for each of extract.layers "
+        "(and each backbone a sweep over backbone.pretrained lists)",
     )
     _config_args(gmp_report)
 
@@ -273,10 +275,14 @@ def cmd_cluster(args: argparse.Namespace) -> int:
 def cmd_gmp_report(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from .gmp_report import label_quality, save_report, to_markdown
+    from .gmp_report import backbone_name, label_quality, report_backbones, save_report, to_markdown
 
-    config, manifest, cache, store = _features(_load(args))
-    table = pd.concat([label_quality(_gmps(config, cache, store, layer), manifest) for layer in store.layers])
+    tables = []
+    for experiment in report_backbones(_load(args)):
+        config, manifest, cache, store = _features(experiment)
+        gmps = [_gmps(config, cache, store, layer) for layer in store.layers]
+        tables += [label_quality(labels, manifest, backbone_name(config)) for labels in gmps]
+    table = pd.concat(tables)
     paths = save_report(table, Path(config.experiment.output_dir) / "reports")
     say(to_markdown(table))
     say(f"saved {paths['csv']}, {paths['markdown']} and {paths['plot']}")

@@ -1,3 +1,4 @@
+import json
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -9,11 +10,15 @@ sys.path.insert(0, str(Path(__file__).parent))  # test helpers such as fake_iemo
 
 REPO = Path(__file__).parent.parent
 
-TINY_BACKBONE = [
-    "backbone.pretrained=null",
-    "backbone.random_init={hidden_size: 32, num_hidden_layers: 3, num_attention_heads: 2, "
-    "intermediate_size: 64, conv_dim: 32}",
-]
+TINY_SIZE = {
+    "hidden_size": 32,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 2,
+    "intermediate_size": 64,
+    "conv_dim": 32,
+}
+"""The tests' randomly initialised backbone (``backbone.random_init``)."""
+TINY_BACKBONE = ["backbone.pretrained=null", f"backbone.random_init={json.dumps(TINY_SIZE)}"]
 
 
 def small_config(folder: Path, *overrides: str):

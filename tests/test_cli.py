@@ -14,10 +14,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from conftest import small_config
+from conftest import TINY_SIZE, small_config
 from transformers import HubertModel
 
-from gmpatl_ray.config import dump_config, load_config, with_absolute_paths
+from gmpatl_ray.config import BackboneSize, dump_config, load_config, with_absolute_paths
+from gmpatl_ray.models.backbone import random_backbone
 
 REPO = Path(__file__).parent.parent
 GMPATL = Path(sys.executable).parent / "gmpatl"
@@ -128,9 +129,16 @@ def test_gpu_extraction_waits_for_a_gpu_instead_of_falling_back_to_the_cpu(ray_c
 @pytest.mark.slow
 def test_extract_cluster_and_report_through_a_local_ray_cluster(ray_cluster, tmp_path):
     """`cluster` extracts every layer in `extract.layers` and clusters `gmp.layer`; `gmp-report` then reuses
-    those features and clusters the other layer too."""
+    those features and clusters the other layer too; with a sweep over `backbone.pretrained` it reports the
+    same layers for each backbone (a second family's features extracted, the first's reused)."""
+    folders = {family: tmp_path / family for family in ("hubert", "wavlm")}
+    for family, folder in folders.items():
+        size = BackboneSize(family=family, large_layout=family == "wavlm", **TINY_SIZE)
+        random_backbone(size).save_pretrained(folder)
+    hubert, wavlm = folders.values()
+    settings = ["extract.layers=[-1, -2]", f"backbone.pretrained={hubert}", "backbone.random_init=null"]
     config_file = tmp_path / "small.yaml"
-    config_file.write_text(dump_config(small_config(tmp_path, "extract.layers=[-1, -2]")))
+    config_file.write_text(dump_config(small_config(tmp_path, *settings)))
 
     first = run(str(GMPATL), "cluster", "--config", str(config_file), env=ray_cluster)
     assert first.returncode == 0, first.stderr[-3000:]
@@ -148,8 +156,19 @@ def test_extract_cluster_and_report_through_a_local_ray_cluster(ray_cluster, tmp
     assert "features reused" in report.stdout, report.stdout
     table = pd.read_csv(tmp_path / "out" / "reports" / "gmp_report.csv")
     assert sorted(zip(table["layer"], table["scale"], strict=True)) == [(-2, 4), (-2, 8), (-1, 4), (-1, 8)]
+    assert (table["backbone"] == str(hubert)).all()
     assert (tmp_path / "out" / "reports" / "gmp_report.png").stat().st_size > 10_000
-    assert "| layer |" in report.stdout.replace("   ", " ").replace("  ", " ")
+    assert re.search(r"\| +backbone +\| +layer +\|", report.stdout), report.stdout
+
+    backbones = f"sweep={{space: {{backbone.pretrained: {{grid: [{hubert}, {wavlm}]}}}}}}"
+    config_file.write_text(dump_config(small_config(tmp_path, *settings, backbones)))
+    compared = run(str(GMPATL), "gmp-report", "--config", str(config_file), env=ray_cluster)
+    assert compared.returncode == 0, compared.stderr[-3000:]
+    assert compared.stdout.count("features reused") == 1 and compared.stdout.count("features extracted") == 1
+    table = pd.read_csv(tmp_path / "out" / "reports" / "gmp_report.csv")
+    rows = sorted(zip(table["backbone"], table["layer"], table["scale"], strict=True))
+    assert rows == sorted((str(f), layer, k) for f in folders.values() for layer in (-1, -2) for k in (4, 8))
+    assert table.groupby("backbone")["nmi_emotion"].nunique().min() > 1  # each backbone's own labels
 
 
 def test_impossible_scale_exits_2_naming_the_field(small_corpus, small_features, ray_cluster, tmp_path):

@@ -135,8 +135,9 @@ def test_k_larger_than_the_frames_fails_naming_the_field(features, tmp_path):
 def test_quality_report_rows(features, tmp_path):
     config, manifest, store = features
     gmps, _ = build_gmps(store, -2, config.gmp, 0, None, ArtifactCache(tmp_path))
-    table = label_quality(gmps, manifest)
+    table = label_quality(gmps, manifest, "random hubert")
     assert list(table["scale"]) == [4, 8] and (table["layer"] == -2).all()
+    assert (table["backbone"] == "random hubert").all()
     for column in ("purity_emotion", "nmi_emotion", "purity_gender", "nmi_gender"):
         assert table[column].between(0, 1).all()
     assert (table["purity_emotion"] >= 0.25).all() and (
