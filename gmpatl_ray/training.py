@@ -164,15 +164,18 @@ def run_record(best: dict[str, Any], history: list[dict], steps: int, resumes: l
 
 def prepare_backbone(backbone: torch.nn.Module, config: Config, masking: bool = False) -> None:
     """Training settings every stage applies to the backbone. DDP refuses parameters that get no gradient,
-    so LayerDrop is off and the mask embedding trains only in the stage that masks (``masking``)."""
+    so LayerDrop is off and the mask embedding trains only in the stage that masks (``masking``). A
+    backbone without one is refused in every stage of a run whose stage 2 masks, before any training."""
     backbone.config.layerdrop = 0.0
-    if getattr(backbone, "masked_spec_embed", None) is None:  # built only when its config masks
+    embedding = getattr(backbone, "masked_spec_embed", None)  # built only when its config masks
+    if embedding is None and config.stage2.enabled:
         raise InputError(
             f"the {backbone.config.model_type} backbone has no mask embedding (its config sets "
             "mask_time_prob=0 and mask_feature_prob=0): stage 2 masks frames with it; set mask_time_prob "
-            "in its config.json to a positive value"
+            "in its config.json to a positive value (or stage2.enabled: false)"
         )
-    backbone.masked_spec_embed.requires_grad_(masking)
+    if embedding is not None:
+        embedding.requires_grad_(masking)
     if config.train.freeze_feature_encoder:
         backbone.feature_extractor._freeze_parameters()
     if config.train.gradient_checkpointing:  # non-reentrant: the variant that works under DDP

@@ -135,7 +135,8 @@ def test_a_24_layer_model_names_layers_down_to_minus_24(tmp_path):
 
 def test_a_checkpoint_without_a_mask_embedding_is_refused_before_training(tmp_path):
     """Such a checkpoint (its config masks nothing, so transformers builds no ``masked_spec_embed``) could
-    not run stage 2: every stage refuses it when it prepares the backbone, before any training."""
+    not run stage 2: every stage of a run with stage 2 refuses it when it prepares the backbone, before any
+    training; a run without stage 2 takes it."""
     model = tiny("wav2vec2")
     model.config.mask_time_prob = 0.0
     type(model)(model.config).save_pretrained(tmp_path / "unmasked")
@@ -145,6 +146,8 @@ def test_a_checkpoint_without_a_mask_embedding_is_refused_before_training(tmp_pa
     with pytest.raises(InputError, match="the wav2vec2 backbone has no mask embedding .* set mask_time_prob"):
         prepare_backbone(backbone, config)
     prepare_backbone(tiny("wav2vec2"), config)  # transformers' default config masks: accepted
+    without_stage2 = config.model_copy(update={"stage2": config.stage2.model_copy(update={"enabled": False})})
+    prepare_backbone(backbone, without_stage2)  # nothing masks: accepted
 
 
 def test_data2vec_has_no_large_layout_switch():
