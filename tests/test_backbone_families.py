@@ -150,6 +150,19 @@ def test_a_checkpoint_without_a_mask_embedding_is_refused_before_training(tmp_pa
     prepare_backbone(backbone, without_stage2)  # nothing masks: accepted
 
 
+def test_how_the_waveform_goes_in_is_part_of_a_checkpoints_identity(tmp_path):
+    """Features and stages cached for a checkpoint read raw are not reused once it is read normalised."""
+    from gmpatl_ray.features import backbone_identity
+
+    model = tiny("wav2vec2")
+    delattr(model.config, NORMALIZE_ATTRIBUTE)  # as a checkpoint from elsewhere: no choice saved with it
+    model.save_pretrained(tmp_path / "w2v")
+    raw = backbone_identity(BackboneConfig(pretrained=str(tmp_path / "w2v")), 0)
+    (tmp_path / "w2v" / "preprocessor_config.json").write_text(json.dumps({"do_normalize": True}))
+    normalised = backbone_identity(BackboneConfig(pretrained=str(tmp_path / "w2v")), 0)
+    assert (raw["normalize_waveform"], normalised["normalize_waveform"]) == (False, True)
+
+
 def test_data2vec_has_no_large_layout_switch():
     with pytest.raises(ValueError, match="large_layout: data2vec-audio has a single layout"):
         BackboneSize(family="data2vec-audio", large_layout=True)
