@@ -633,9 +633,19 @@ def with_absolute_paths(config: Config, refuse_relative: str | None = None) -> C
     if relative:
         raise ConfigError("\n".join([f"relative paths {refuse_relative}:", *relative]))
     pretrained = raw["backbone"]["pretrained"]
-    if pretrained and Path(pretrained).exists():
-        raw["backbone"]["pretrained"] = str(Path(pretrained).resolve())
+    raw["backbone"]["pretrained"] = _local_folder(pretrained)
+    swept = ((raw.get("sweep") or {}).get("space") or {}).get("backbone.pretrained") or {}
+    for kind in ("grid", "choice"):  # a backbone sweep's local folders, as the trials will need them
+        if swept.get(kind):
+            swept[kind] = [_local_folder(value) for value in swept[kind]]
     return config_from_dict(raw, "<config with absolute paths>")
+
+
+def _local_folder(pretrained: Any) -> Any:
+    """An existing local ``backbone.pretrained`` folder made absolute; a hub id (or nothing) as it is."""
+    if isinstance(pretrained, str) and pretrained and Path(pretrained).expanduser().exists():
+        return str(Path(pretrained).expanduser().resolve())
+    return pretrained
 
 
 def dump_config(config: Config, redacted: bool = False) -> str:

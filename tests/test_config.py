@@ -234,3 +234,14 @@ def test_paths_are_made_absolute_and_refused_relative_in_a_submitted_job(tmp_pat
     shared = ["experiment.output_dir=/mnt/shared/gmpatl"]
     assert main(["config", "--config", str(CONFIGS / "demo.yaml"), "--set", *shared]) == 0
     assert "manifest: /mnt/shared/gmpatl/manifest.csv" in capsys.readouterr().out
+
+
+def test_a_backbone_sweeps_local_folders_are_made_absolute_and_hub_ids_kept(tmp_path, monkeypatch):
+    """Tune runs each trial in a folder of its own and Ray Data's actors elsewhere again: a relative
+    checkpoint folder in a backbone sweep must reach them as the folder it names here."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models" / "wavlm-large").mkdir(parents=True)
+    space = "sweep={space: {backbone.pretrained: {grid: [models/wavlm-large, microsoft/wavlm-base]}}}"
+    config = with_absolute_paths(load_config(CONFIGS / "iemocap.yaml", [space]))
+    grid = config.sweep.space["backbone.pretrained"].grid
+    assert grid == [str(tmp_path / "models" / "wavlm-large"), "microsoft/wavlm-base"]
