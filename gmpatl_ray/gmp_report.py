@@ -45,9 +45,12 @@ def report_backbones(config: Config) -> list[Config]:
 
 
 def backbone_name(config: Config) -> str:
-    """The checkpoint (hub id or folder), or ``random <family>`` for a randomly initialised backbone."""
+    """The checkpoint (hub id or folder), or what a randomly initialised backbone is (family, size)."""
     size = config.backbone.random_init
-    return config.backbone.pretrained if size is None else f"random {size.family}"
+    if size is None:
+        return config.backbone.pretrained
+    layout = ", large layout" if size.large_layout else ""
+    return f"random {size.family} {size.num_hidden_layers}x{size.hidden_size}{layout}"
 
 
 def label_quality(gmps: GMPStore, manifest: pd.DataFrame, backbone: str) -> pd.DataFrame:

@@ -14,7 +14,7 @@ from gmpatl_ray.devices import resolve_devices
 from gmpatl_ray.errors import InputError
 from gmpatl_ray.features import FeatureStore, extraction_plan
 from gmpatl_ray.gmp import build_gmps, build_gmps_on_cluster, submit_gmps
-from gmpatl_ray.gmp_report import label_quality, purity
+from gmpatl_ray.gmp_report import backbone_name, label_quality, purity
 
 
 def blobs(k: int, n: int, dim: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -135,9 +135,9 @@ def test_k_larger_than_the_frames_fails_naming_the_field(features, tmp_path):
 def test_quality_report_rows(features, tmp_path):
     config, manifest, store = features
     gmps, _ = build_gmps(store, -2, config.gmp, 0, None, ArtifactCache(tmp_path))
-    table = label_quality(gmps, manifest, "random hubert")
+    table = label_quality(gmps, manifest, backbone_name(config))
     assert list(table["scale"]) == [4, 8] and (table["layer"] == -2).all()
-    assert (table["backbone"] == "random hubert").all()
+    assert (table["backbone"] == "random hubert 3x32").all()
     for column in ("purity_emotion", "nmi_emotion", "purity_gender", "nmi_gender"):
         assert table[column].between(0, 1).all()
     assert (table["purity_emotion"] >= 0.25).all() and (
