@@ -6,6 +6,8 @@ workers' work."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -18,6 +20,21 @@ from gmpatl_ray.tracking import Tracker
 from gmpatl_ray.training import saved_weights
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_cluster")]
+
+MODEL_CODE = ("transformers.modeling_utils", "transformers.models.hubert.modeling_hubert", "sklearn")
+"""Modules only a process that builds or scores a model needs; seconds to import."""
+
+
+def test_a_driver_imports_no_model_code():
+    """A driver (`gmpatl`, a submitted job, a Tune trial) runs the pipeline and the sweep but builds no
+    model, so it does not pay for importing transformers' modelling code or scikit-learn: the Ray Train
+    workers and Ray Data actors import them where the models are."""
+    code = (
+        "import sys, gmpatl_ray.cli, gmpatl_ray.pipeline, gmpatl_ray.sweep\n"
+        f"print(sorted({{p for p in {MODEL_CODE!r} for m in sys.modules if m.startswith(p)}}))"
+    )
+    found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert found.stdout.strip() == "[]", found.stdout
 
 
 def test_a_fold_runs_all_stages_and_reuses_them(small_corpus, trained_fold, tmp_path):

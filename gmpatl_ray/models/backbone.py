@@ -17,32 +17,33 @@ import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import (
     AutoConfig,
     Data2VecAudioConfig,
-    Data2VecAudioModel,
     HubertConfig,
-    HubertModel,
     PretrainedConfig,
-    PreTrainedModel,
     Wav2Vec2Config,
-    Wav2Vec2Model,
     WavLMConfig,
-    WavLMModel,
 )
 
 from ..config import BackboneConfig, BackboneSize
 from ..errors import InputError
 
-FAMILIES: dict[str, tuple[type[PretrainedConfig], type[PreTrainedModel]]] = {
-    "hubert": (HubertConfig, HubertModel),
-    "wavlm": (WavLMConfig, WavLMModel),
-    "wav2vec2": (Wav2Vec2Config, Wav2Vec2Model),
-    "data2vec-audio": (Data2VecAudioConfig, Data2VecAudioModel),
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+FAMILIES: dict[str, tuple[type[PretrainedConfig], str]] = {
+    "hubert": (HubertConfig, "HubertModel"),
+    "wavlm": (WavLMConfig, "WavLMModel"),
+    "wav2vec2": (Wav2Vec2Config, "Wav2Vec2Model"),
+    "data2vec-audio": (Data2VecAudioConfig, "Data2VecAudioModel"),
 }
-"""Supported backbones by transformers' ``model_type``: their config and model classes."""
+"""Supported backbones by transformers' ``model_type``: their config class and model class name. The model
+classes are imported only where a model is built (:func:`model_class`): importing transformers' modelling
+code takes seconds, which every driver, Tune trial and CLI call that builds none would pay."""
 
 NORMALIZE_ATTRIBUTE = "gmpatl_normalize_waveform"
 """Set on the model's config (and so saved in its config.json with the weights): whether the waveform is
@@ -60,9 +61,16 @@ def load_backbone(cfg: BackboneConfig, seed: int = 0) -> PreTrainedModel:
     return _from_pretrained(cfg.pretrained, cfg.allow_download)
 
 
+def model_class(family: str) -> type[PreTrainedModel]:
+    """transformers' model class of a supported family."""
+    import transformers
+
+    return getattr(transformers, FAMILIES[family][1])
+
+
 def random_backbone(size: BackboneSize, seed: int = 0) -> PreTrainedModel:
     """A randomly initialised backbone of the given family and size, identical for the same seed."""
-    config_class, model_class = FAMILIES[size.family]
+    config_class = FAMILIES[size.family][0]
     layout = {}
     if size.family != "data2vec-audio":  # its CNN is layer-normed and its transformer post-norm, always
         layout = {
@@ -80,7 +88,7 @@ def random_backbone(size: BackboneSize, seed: int = 0) -> PreTrainedModel:
     setattr(config, NORMALIZE_ATTRIBUTE, _layer_normed_cnn(config))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return model_class(config)
+        return model_class(size.family)(config)
 
 
 def backbone_depth(cfg: BackboneConfig) -> int:
@@ -127,7 +135,7 @@ def _from_pretrained(name: str, allow_download: bool) -> PreTrainedModel:
     if getattr(config, NORMALIZE_ATTRIBUTE, None) is None:  # a checkpoint this project did not save
         setattr(config, NORMALIZE_ATTRIBUTE, _checkpoint_normalizes(config, source, offline))
     try:
-        return FAMILIES[config.model_type][1].from_pretrained(source, config=config, local_files_only=offline)
+        return model_class(config.model_type).from_pretrained(source, config=config, local_files_only=offline)
     except (OSError, ValueError) as err:
         raise _load_error(name, Path(source).exists(), err) from None
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from transformers.models.wav2vec2.modeling_wav2vec2 import _compute_mask_indices
 
 
 def span_mask(
@@ -20,6 +19,8 @@ def span_mask(
 
     Seeded, so a resumed epoch masks the same frames.
     """
+    from transformers.models.wav2vec2.modeling_wav2vec2 import _compute_mask_indices  # modelling code: slow
+
     attention = (torch.arange(total)[None, :] < frames.cpu()[:, None]).long()
     state = np.random.get_state()
     np.random.seed(seed)  # _compute_mask_indices draws from numpy's global generator
