@@ -110,6 +110,22 @@ def test_war_uar_and_confusion_by_hand():
     assert matrix.tolist() == [[3, 0, 0, 1], [0, 0, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1]]
 
 
+@pytest.mark.parametrize("seed", range(5))
+def test_war_uar_and_confusion_are_scikit_learns(seed):
+    """The numpy metrics give scikit-learn's numbers, also when a class is missing from the truth or
+    the predictions, or a prediction is not one of the classes."""
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_matrix
+
+    rng = np.random.default_rng(seed)
+    classes = ["ang", "hap", "neu", "sad"]
+    truth = rng.choice(classes[: 2 + seed % 3], 50).tolist()
+    predicted = rng.choice([*classes, "xxx"] if seed == 4 else classes[1:], 50).tolist()
+    assert war(truth, predicted) == pytest.approx(accuracy_score(truth, predicted))
+    assert uar(truth, predicted) == pytest.approx(balanced_accuracy_score(truth, predicted))
+    expected = confusion_matrix(truth, predicted, labels=classes)
+    assert confusion(truth, predicted, classes).tolist() == expected.tolist()
+
+
 def test_stage3_loss_is_the_am_softmax_loss():
     from gmpatl_ray.config import load_config
     from gmpatl_ray.stages.stage3 import Stage3Model, loss
