@@ -290,17 +290,18 @@ def cmd_gmp_report(args: argparse.Namespace) -> int:
 
 
 def cmd_cv(args: argparse.Namespace) -> int:
-    from .artifacts import ArtifactCache
     from .data.manifest import format_summary
     from .data.prepare import load_or_prepare
-    from .pipeline import run_cv
-    from .runtime import init_ray
-    from .tracking import Tracker
 
     config = _load(args)
     manifest = load_or_prepare(config.data)
     say(format_summary(manifest, f"{config.data.source} manifest {config.data.manifest}"))
     chosen = _folds(manifest, args.folds.split(",") if args.folds else None, "--folds")
+    from .artifacts import ArtifactCache  # the pipeline's imports take seconds: a bad --folds fails first
+    from .pipeline import run_cv
+    from .runtime import init_ray
+    from .tracking import Tracker
+
     init_ray()
     tracker = Tracker(config.tracking.experiment, config.tracking.uri, config.experiment.output_dir)
     table = run_cv(config, manifest, chosen, ArtifactCache(config.experiment.cache_dir), tracker)
