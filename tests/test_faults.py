@@ -268,7 +268,8 @@ def test_what_is_logged_while_the_tracking_server_is_down_reaches_it_later(
     """The server stops mid-run. In process, a tracker keeps logging and sends what waited once the
     server is back. A `gmpatl cv` that outlives the outage finishes its fold, names the file where its
     records wait, and `gmpatl tracking-sync` delivers them: the server ends with the whole run tree.
-    (The CV reuses the session's stage 1 and trains stage 3 on it, during which the server is down.)"""
+    (The CV reuses the session's stage 1 and trains stage 3 on it in Ray Train's local mode, during which
+    the server is down.)"""
     uri, start, stop = mlflow_server
     fail_fast = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "2"}
     for name, value in fail_fast.items():
@@ -289,6 +290,7 @@ def test_what_is_logged_while_the_tracking_server_is_down_reaches_it_later(
         "tracking.log_model=false",
         "stage2.enabled=false",
         *TINY_TRAINING,
+        "train.num_workers=0",  # local mode: stage 3 in `gmpatl cv` itself (what fails here is MLflow)
     )
     config_file = tmp_path / "outage.yaml"
     config_file.write_text(dump_config(config))
