@@ -39,15 +39,14 @@ def requested_layers(config: Config) -> list[int]:
 
 
 def backbone_identity(cfg: BackboneConfig, seed: int) -> dict[str, Any]:
-    """What makes two backbones the same for caching: the weights' checksums and how the waveform goes in
-    (normalised or raw), or size and seed. A stage's saved backbone has its checksums in its artifact's
-    marker already (computed once, where it was written); any other folder is hashed once per process and
-    file version."""
-    from .models.backbone import backbone_normalizes
-
+    """What makes two backbones the same for caching: the weights' checksums, or size and seed. A stage's
+    saved backbone has its checksums in its artifact's marker already (computed once, where it was
+    written); any other folder is hashed once per process and file version. The checksums cover every
+    JSON file beside the weights, so the files that decide how the waveform goes in (config.json's saved
+    choice, preprocessor_config.json's ``do_normalize``) are part of the identity; a hub id's snapshot
+    commit fixes them likewise."""
     if cfg.random_init is not None:
         return {"random_init": cfg.random_init.model_dump(), "seed": seed}
-    normalize = backbone_normalizes(cfg)  # how the waveform goes in is part of the model
     folder = Path(cfg.pretrained).expanduser()
     if not folder.is_dir():  # a hub id: its cached snapshot folder is named by the commit
         from huggingface_hub import try_to_load_from_cache
@@ -56,12 +55,10 @@ def backbone_identity(cfg: BackboneConfig, seed: int) -> dict[str, Any]:
         return {
             "hub": cfg.pretrained,
             "snapshot": Path(cached).parent.name if isinstance(cached, str) else None,
-            "normalize_waveform": normalize,
         }
     weights = sorted(p for p in folder.iterdir() if p.suffix in (".json", ".safetensors", ".bin"))
     recorded = recorded_checksums(folder) or {}
-    checksums = {p.name: recorded.get(p.name) or _checksum(p) for p in weights}
-    return {"pretrained": checksums, "normalize_waveform": normalize}
+    return {"pretrained": {p.name: recorded.get(p.name) or _checksum(p) for p in weights}}
 
 
 _CHECKSUMS: dict[tuple[str, int, int], str] = {}

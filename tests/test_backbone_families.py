@@ -157,10 +157,12 @@ def test_how_the_waveform_goes_in_is_part_of_a_checkpoints_identity(tmp_path):
     model = tiny("wav2vec2")
     delattr(model.config, NORMALIZE_ATTRIBUTE)  # as a checkpoint from elsewhere: no choice saved with it
     model.save_pretrained(tmp_path / "w2v")
-    raw = backbone_identity(BackboneConfig(pretrained=str(tmp_path / "w2v")), 0)
+    cfg = BackboneConfig(pretrained=str(tmp_path / "w2v"))
+    raw, read_raw = backbone_identity(cfg, 0), normalizes_waveform(load_backbone(cfg).config)
     (tmp_path / "w2v" / "preprocessor_config.json").write_text(json.dumps({"do_normalize": True}))
-    normalised = backbone_identity(BackboneConfig(pretrained=str(tmp_path / "w2v")), 0)
-    assert (raw["normalize_waveform"], normalised["normalize_waveform"]) == (False, True)
+    normalised, read_normalised = backbone_identity(cfg, 0), normalizes_waveform(load_backbone(cfg).config)
+    assert (read_raw, read_normalised) == (False, True)
+    assert raw != normalised  # the file that decides is checksummed with the weights
 
 
 def test_data2vec_has_no_large_layout_switch():

@@ -98,16 +98,6 @@ def backbone_depth(cfg: BackboneConfig) -> int:
     return _pretrained_config(cfg.pretrained, cfg.allow_download)[0].num_hidden_layers
 
 
-def backbone_normalizes(cfg: BackboneConfig) -> bool:
-    """Whether the configured backbone takes a normalised waveform, read from its configs alone (no
-    weights loaded): part of what makes two backbones the same for the stage cache."""
-    if cfg.random_init is not None:
-        return cfg.random_init.large_layout or cfg.random_init.family == "data2vec-audio"
-    config, source, offline = _pretrained_config(cfg.pretrained, cfg.allow_download)
-    normalize = getattr(config, NORMALIZE_ATTRIBUTE, None)
-    return _checkpoint_normalizes(config, source, offline) if normalize is None else bool(normalize)
-
-
 def _pretrained_config(name: str, allow_download: bool) -> tuple[PretrainedConfig, str, bool]:
     """The checkpoint's config (a supported family, checked), where to load it from and whether offline."""
     local = Path(name).expanduser()
