@@ -27,6 +27,7 @@ from gmpatl_ray.artifacts import ArtifactCache, file_sha256
 from gmpatl_ray.config import dump_config
 from gmpatl_ray.cv import fold_split
 from gmpatl_ray.gmp import GMPStore
+from gmpatl_ray.pipeline import run_fold
 from gmpatl_ray.stages.stage1 import run_stage1
 from gmpatl_ray.stages.stage2 import run_stage2
 from gmpatl_ray.tracking import Tracker
@@ -193,9 +194,9 @@ def test_a_killed_cv_driver_reruns_into_the_same_runs_and_resumes_the_stage(
 ):
     """Kill `gmpatl cv` (and its Ray cluster) in fold 2's stage 1, run it again: fold 1 is reused, stage 1
     of fold 2 resumes from its checkpoint, and MLflow holds one parent and one run per fold and stage.
-    On disk, the unfinished stage holds one checkpoint and the finished ones none, and after the rerun
-    nothing is left. (Fold 1's stage 1 comes from the worker-kill tests' cache, so the only stage 1
-    trained is fold 2's.)"""
+    On disk, the unfinished stage holds one checkpoint and nothing else, and after the rerun nothing is
+    left. (Fold 1 is in the cache before the first run: its stage 1 from the worker-kill tests, its stage 3
+    trained here in local mode, the same fingerprint; so the only stages the driver trains are fold 2's.)"""
     folder, manifest = small_corpus
     config = small_config(
         folder,
@@ -207,11 +208,8 @@ def test_a_killed_cv_driver_reruns_into_the_same_runs_and_resumes_the_stage(
         "stage2.enabled=false",
         *FAULT_TRAINING,
     )
-    fold1 = fold_split(config, manifest, 1)
-    elsewhere = config.model_copy(
-        update={"train": config.train.model_copy(update={"storage_path": str(fault_cache / "ray")})}
-    )
-    run_stage1(elsewhere, fold1, ArtifactCache(fault_cache / "cache"))  # built already unless run alone
+    local = config.train.model_copy(update={"num_workers": 0, "storage_path": str(fault_cache / "ray")})
+    run_fold(config.model_copy(update={"train": local}), manifest, 1, ArtifactCache(fault_cache / "cache"))
     config_file = tmp_path / "crash.yaml"
     config_file.write_text(dump_config(config))
     command = [str(GMPATL), "cv", "--config", str(config_file), "--folds", "1,2"]
@@ -219,7 +217,7 @@ def test_a_killed_cv_driver_reruns_into_the_same_runs_and_resumes_the_stage(
     wait_for("fold 2's stage 1 to checkpoint", lambda: checkpoints(tmp_path / "ray", "stage1"), timeout=400)
     kill_group(driver)
     assert "fold 1: WAR" in driver.stdout.read()
-    (unfinished,) = run_folders(tmp_path / "ray")  # fold 1's stage 3 finished: its folder is gone
+    (unfinished,) = run_folders(tmp_path / "ray")
     assert unfinished.startswith("stage1-") and len(checkpoints(tmp_path / "ray", "stage1")) == 1
     # (on disk one more only if the kill came just as a newer one was written, before the older went)
     assert len([c for c in (tmp_path / "ray" / unfinished).glob("checkpoint_*") if c.is_dir()]) <= 2
