@@ -1,10 +1,11 @@
-"""`ray job submit` on a multi-node cluster in a box: a head and two worker nodes on this machine, each a
-`ray start` of its own (its own raylet, object store, temp dir and ports, as on separate machines), the
-head with no CPUs, so all work goes to the workers. The demo CV of one fold is submitted as a job with this
-repository as its working dir, its stages' DDP workers spread over the two nodes; everything it writes
-lands in the one output_dir (the shared storage of a real cluster), nothing in any node's temp dir or the
-job's working dir, and every worker runs somewhere else than the job's working dir. Then the nodes are
-stopped."""
+"""A cluster in a box, started as the launcher starts one from cluster.yaml: a head and two worker nodes
+on this machine, each its start command from cluster.yaml (`ray start` with token authentication), with a
+HOME of its own holding only the token that file_mounts copies there, and its own raylet, object store, temp
+dir and ports, as on separate machines; the head has no CPUs, so all work goes to the workers. It refuses
+every caller without the token. The demo CV of one fold is submitted to it as a job with this repository
+as its working dir, its stages' DDP workers spread over the two nodes; everything it writes lands in the
+one output_dir (the shared storage of a real cluster), nothing in any node's temp dir or the job's working
+dir, and every worker runs somewhere else than the job's working dir. Then the nodes are stopped."""
 
 from __future__ import annotations
 
@@ -14,14 +15,17 @@ import os
 import re
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import pytest
 from conftest import REPO, small_config
 from mlflow import MlflowClient
@@ -30,30 +34,6 @@ from processes import BIN, free_port
 from gmpatl_ray.config import dump_config
 
 pytestmark = pytest.mark.slow
-
-
-def start_node(*args: str, temp: Path, env: dict[str, str]) -> subprocess.Popen:
-    """``ray start --block`` in its own process group, so stopping it leaves the test session's own
-    local cluster alone (``ray stop`` would stop every Ray on the machine). Every port it would otherwise
-    take at a fixed default is a free one (with the session's cluster holding the job agent's default
-    port, a second agent never came up). Its temp dir is short: Ray's Unix sockets live there and their
-    paths may not exceed 107 bytes."""
-    return subprocess.Popen(
-        [
-            str(BIN / "ray"),
-            "start",
-            "--block",
-            "--node-ip-address=127.0.0.1",
-            f"--dashboard-agent-listen-port={free_port()}",
-            f"--temp-dir={temp}",
-            "--disable-usage-stats",
-            *args,
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
 
 
 def wait_for_port(port: int, what: str, timeout: float = 120) -> None:
@@ -65,43 +45,6 @@ def wait_for_port(port: int, what: str, timeout: float = 120) -> None:
         except OSError:
             time.sleep(1)
     pytest.fail(f"{what} did not come up in {timeout} s")
-
-
-@pytest.fixture
-def cluster_in_a_box(tmp_path):
-    """(GCS address, job API address, environment for `ray` commands and clients, the nodes' temp dirs).
-    Token authentication is on, with a token of the fixture's own given to every node and client (as a
-    real cluster's nodes must share one)."""
-    gcs, dashboard = free_port(), free_port()
-    temps = [Path(tempfile.mkdtemp(prefix=f"ray{name}", dir="/tmp")) for name in ("h", "a", "b")]
-    token = tmp_path / "auth_token"
-    token.write_text(secrets.token_hex(32))
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token"}
-    env |= {"RAY_AUTH_TOKEN_PATH": str(token)}
-    env.pop("RAY_ADDRESS", None)
-    head = [
-        "--head",
-        f"--port={gcs}",
-        "--num-cpus=0",
-        "--dashboard-host=127.0.0.1",
-        f"--dashboard-port={dashboard}",
-    ]
-    nodes = [start_node(*head, temp=temps[0], env=env)]
-    try:
-        wait_for_port(gcs, "the head's GCS")
-        nodes += [
-            start_node(f"--address=127.0.0.1:{gcs}", "--num-cpus=2", temp=t, env=env) for t in temps[1:]
-        ]
-        wait_for_port(dashboard, "the head's job API")
-        yield f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dashboard}", env, temps
-    finally:
-        # Whole groups at once (GCS, raylets, dashboard, workers): `ray start --block` takes over 10 s to
-        # stop on SIGTERM, and nothing of these throwaway nodes needs a clean shutdown.
-        for node in nodes:
-            os.killpg(node.pid, signal.SIGKILL)
-            node.wait(timeout=30)
-        for temp in temps:
-            shutil.rmtree(temp, ignore_errors=True)
 
 
 def wait_for_nodes(address: str, env: dict[str, str], count: int, timeout: float = 120) -> None:
@@ -132,10 +75,185 @@ WRITTEN = ("*.parquet", "_COMPLETE.json", "manifest.csv", "mlflow.db", "*.safete
 """What the run writes; none of it may be anywhere but the output_dir."""
 
 
-def test_the_demo_cv_runs_as_a_job_on_several_nodes_and_writes_only_to_the_output_dir(
-    cluster_in_a_box, small_corpus, tmp_path
+def start_commands(node_type: str) -> str:
+    """The node's start commands from cluster.yaml, as one shell script, without its `ray stop` (which
+    would stop every Ray on this machine, the suite's own cluster included)."""
+    import yaml
+
+    launcher = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    commands = launcher[f"{node_type}_start_ray_commands"]
+    assert commands[0] == "ray stop"
+    return "\n".join(commands[1:])
+
+
+def ray_processes_of(temp: Path) -> list:
+    import psutil
+
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        if any(str(temp) in part for part in process.info["cmdline"] or []):
+            found.append(process)
+    return found
+
+
+@dataclass
+class LaunchedCluster:
+    gcs: str  # the head's GCS address
+    job_api: str  # the head's job API (dashboard) address
+    client: dict[str, str]  # the environment of a caller holding the token
+    stranger: dict[str, str]  # the environment of a caller with no token anywhere
+    temps: list[Path]  # the nodes' temp dirs: head, worker a, worker b
+    token: str
+    printed: str  # what the start commands printed
+
+
+def start_script(node_type: str, temp: Path, *, gcs: int, dashboard: int = 0) -> str:
+    """cluster.yaml's start command for ``node_type`` with this box's own ports and temp dir; every port
+    it would otherwise take at a fixed default is a free one. (Temp dirs are short: Ray's Unix sockets
+    live there and their paths may not exceed 107 bytes.)"""
+    common = (
+        f" --object-manager-port={free_port()} --dashboard-agent-listen-port={free_port()} --temp-dir={temp}"
+        " --node-ip-address=127.0.0.1 --disable-usage-stats"
+    )
+    if node_type == "head":
+        script = start_commands("head").replace("--port=6379", f"--port={gcs}")
+        script = script.replace("--autoscaling-config=~/ray_bootstrap_config.yaml", "")  # no launcher here
+        return (
+            script.replace(" --object-manager-port=8076", "")
+            + common
+            + f" --dashboard-port={dashboard} --num-cpus=0"
+        )
+    script = start_commands("worker").replace("$RAY_HEAD_IP:6379", f"127.0.0.1:{gcs}")
+    return script.replace(" --object-manager-port=8076", "") + common + " --num-cpus=2"
+
+
+def token_path_on_a_node() -> Path:
+    """Where file_mounts puts the token, relative to the container user's HOME."""
+    import yaml
+
+    mounts = yaml.safe_load((REPO / "cluster.yaml").read_text())["file_mounts"]
+    (target,) = [t for t, source in mounts.items() if "auth-token" in source]
+    return Path(target).relative_to("/home/ray")
+
+
+@pytest.fixture(scope="module")
+def launched_cluster(tmp_path_factory):
+    """The head's and then each worker's start command, as the launcher runs them, each node's HOME
+    holding the token; yields once all three nodes have joined; then every process of the three nodes
+    is killed (nothing of these throwaway nodes needs a clean shutdown, and `ray stop` would stop every
+    Ray on the machine, the suite's own cluster included)."""
+    here = tmp_path_factory.mktemp("launched")
+    gcs, dashboard = free_port(), free_port()
+    temps = [Path(tempfile.mkdtemp(prefix=f"ray{name}", dir="/tmp")) for name in ("h", "a", "b")]
+    token = secrets.token_hex(32)
+    base = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")} | {
+        "PATH": f"{BIN}:{os.environ['PATH']}"
+    }
+    homes = [here / name for name in ("head", "worker-a", "worker-b")]
+    for home in homes:
+        (home / token_path_on_a_node()).parent.mkdir(parents=True)
+        (home / token_path_on_a_node()).write_text(token)
+    stranger = {**base, "HOME": str(here / "stranger")}
+    client = {
+        **stranger,
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN_PATH": str(homes[0] / token_path_on_a_node()),
+    }
+    printed = ""
+    try:
+        scripts = [start_script("head", temps[0], gcs=gcs, dashboard=dashboard)]
+        scripts += [start_script("worker", temp, gcs=gcs) for temp in temps[1:]]
+        for script, home in zip(scripts, homes, strict=True):
+            started = subprocess.run(
+                ["bash", "-c", script],
+                env={**base, "HOME": str(home)},
+                capture_output=True,
+                text=True,
+                timeout=180,
+            )
+            assert started.returncode == 0, started.stderr[-3000:]
+            printed += started.stdout + started.stderr
+            if script is scripts[0]:
+                wait_for_port(dashboard, "the head's job API")
+        wait_for_nodes(f"127.0.0.1:{gcs}", client, 3)
+        yield LaunchedCluster(
+            f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dashboard}", client, stranger, temps, token, printed
+        )
+    finally:
+        for process in [p for temp in temps for p in ray_processes_of(temp)]:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                for member in [*process.children(recursive=True), process]:
+                    with contextlib.suppress(psutil.NoSuchProcess):
+                        member.kill()
+        for temp in temps:
+            shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_the_cluster_refuses_callers_without_the_token_and_its_nodes_refuse_to_start_without_it(
+    launched_cluster, tmp_path
 ):
-    gcs, address, env, temps = cluster_in_a_box
+    """The job API refuses `ray job list` and a plain HTTP request without the token, and the GCS a driver
+    without it; with the token the job API answers. The token is never printed. Without the token file
+    either start command stops before Ray starts, naming what is missing."""
+    cluster = launched_cluster
+    refused = subprocess.run(
+        [str(BIN / "ray"), "job", "list", "--address", cluster.job_api],
+        env=cluster.stranger,
+        capture_output=True,
+        text=True,
+    )
+    assert refused.returncode != 0, refused.stdout
+    with pytest.raises(urllib.error.HTTPError) as http:
+        urllib.request.urlopen(f"{cluster.job_api}/api/jobs/", timeout=10)
+    assert http.value.code in (401, 403)
+    for _ in range(30):  # the job agent comes up after the port opens
+        allowed = subprocess.run(
+            [str(BIN / "ray"), "job", "list", "--address", cluster.job_api],
+            env=cluster.client,
+            capture_output=True,
+            text=True,
+        )
+        if allowed.returncode == 0:
+            break
+        time.sleep(2)
+    assert allowed.returncode == 0, allowed.stderr[-3000:]
+    driver = "import ray; ray.init(); print(len(ray.nodes()))"
+    refused_driver = subprocess.run(
+        [sys.executable, "-c", driver],
+        env={**cluster.stranger, "RAY_ADDRESS": cluster.gcs},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert refused_driver.returncode != 0, refused_driver.stdout
+    assert "auth" in refused_driver.stderr.lower(), refused_driver.stderr[-2000:]  # refused, not broken
+    output = cluster.printed + refused.stdout + refused.stderr + allowed.stdout + allowed.stderr
+    assert cluster.token not in output + refused_driver.stdout + refused_driver.stderr  # never printed
+
+    temp = Path(tempfile.mkdtemp(prefix="rayn", dir="/tmp"))
+    try:
+        (tmp_path / ".ray").mkdir()  # a fresh node's HOME, the token not copied there
+        for script in (
+            start_script("head", temp, gcs=free_port(), dashboard=free_port()),
+            start_script("worker", temp, gcs=free_port()),
+        ):
+            missing = subprocess.run(
+                ["bash", "-c", script],
+                env={**cluster.stranger, "HOME": str(tmp_path)},
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert missing.returncode == 1 and "no Ray token at ~/.ray/auth_token" in missing.stderr
+        assert not ray_processes_of(temp)
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_the_demo_cv_runs_as_a_job_on_several_nodes_and_writes_only_to_the_output_dir(
+    launched_cluster, small_corpus, tmp_path
+):
+    temps = launched_cluster.temps
     folder, _ = small_corpus
     shared = tmp_path / "shared"  # the one storage every node sees
     config = small_config(
@@ -158,20 +276,19 @@ def test_the_demo_cv_runs_as_a_job_on_several_nodes_and_writes_only_to_the_outpu
     )
     config_file = tmp_path / "job.yaml"
     config_file.write_text(dump_config(config))
-    wait_for_nodes(gcs, env, 3)
     submit = submit_when_ready(
         [
             str(BIN / "ray"),
             "job",
             "submit",
             "--address",
-            address,
+            launched_cluster.job_api,
             "--working-dir",
             str(REPO),
             "--",
             *[sys.executable, "jobs/cv.py", "--config", str(config_file), "--folds", "1"],
         ],
-        env,
+        launched_cluster.client,
     )
     assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
     assert "succeeded" in submit.stdout and "fold 1: WAR" in submit.stdout, submit.stdout[-4000:]
@@ -226,142 +343,3 @@ def assert_a_readable_console(console: str, output_dir: Path) -> None:
         assert sum(f"[1/1] fold 1 · {step}" in line for line in lines) == 1, (step, console)
     written = log.read_text()
     assert "(RayTrainWorker" in written and "(TrainController" in written  # the workers' output is kept
-
-
-def start_commands(node_type: str) -> str:
-    """The node's start commands from cluster.yaml, as one shell script, without its `ray stop` (which
-    would stop every Ray on this machine, the suite's own cluster included)."""
-    import yaml
-
-    launcher = yaml.safe_load((REPO / "cluster.yaml").read_text())
-    commands = launcher[f"{node_type}_start_ray_commands"]
-    assert commands[0] == "ray stop"
-    return "\n".join(commands[1:])
-
-
-def ray_processes_of(temp: Path) -> list:
-    import psutil
-
-    found = []
-    for process in psutil.process_iter(["cmdline"]):
-        if any(str(temp) in part for part in process.info["cmdline"] or []):
-            found.append(process)
-    return found
-
-
-@pytest.mark.slow
-def test_a_cluster_started_as_cluster_yaml_starts_it_refuses_callers_without_the_token(tmp_path):
-    """cluster.yaml's head and worker start commands, run as the launcher runs them on fresh nodes (HOMEs
-    of their own holding only the token that file_mounts copies there; this test's own ports and temp
-    dirs): the job API refuses `ray job list` and a plain HTTP request without the token, and the GCS a
-    driver without it; with the token both answer, and the worker has joined. Without the token file
-    either command stops before Ray starts, naming what is missing."""
-    import urllib.error
-    import urllib.request
-
-    import psutil
-
-    home, worker_home = tmp_path / "home", tmp_path / "worker"
-    (home / ".ray").mkdir(parents=True)
-    (worker_home / ".ray").mkdir(parents=True)
-    gcs, dashboard, objects = free_port(), free_port(), free_port()
-    temp = Path(tempfile.mkdtemp(prefix="rayt", dir="/tmp"))
-    worker_temp = Path(tempfile.mkdtemp(prefix="rayw", dir="/tmp"))
-    script = (
-        start_commands("head")
-        .replace("--port=6379", f"--port={gcs}")
-        .replace("--object-manager-port=8076", f"--object-manager-port={objects}")
-        .replace("--autoscaling-config=~/ray_bootstrap_config.yaml", "")  # no launcher here
-    )
-    script += (
-        f" --dashboard-port={dashboard} --dashboard-agent-listen-port={free_port()} --temp-dir={temp}"
-        " --node-ip-address=127.0.0.1 --num-cpus=0 --disable-usage-stats"
-    )
-    worker_script = (
-        start_commands("worker")
-        .replace("$RAY_HEAD_IP:6379", f"127.0.0.1:{gcs}")
-        .replace("--object-manager-port=8076", f"--object-manager-port={free_port()}")
-    )
-    worker_script += (
-        f" --dashboard-agent-listen-port={free_port()} --temp-dir={worker_temp}"
-        " --node-ip-address=127.0.0.1 --num-cpus=1 --disable-usage-stats"
-    )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")} | {
-        "HOME": str(home),
-        "PATH": f"{BIN}:{os.environ['PATH']}",
-    }
-    worker_env = {**env, "HOME": str(worker_home)}
-    try:
-        for command, environment in ((script, env), (worker_script, worker_env)):
-            missing = subprocess.run(
-                ["bash", "-c", command], env=environment, capture_output=True, text=True, timeout=60
-            )
-            assert missing.returncode == 1 and "no Ray token at ~/.ray/auth_token" in missing.stderr
-        assert not ray_processes_of(temp) and not ray_processes_of(worker_temp)
-
-        import yaml
-
-        mounts = yaml.safe_load((REPO / "cluster.yaml").read_text())["file_mounts"]
-        (target,) = [
-            t for t, source in mounts.items() if "auth-token" in source
-        ]  # the token's way onto a node
-        planted = home / Path(target).relative_to("/home/ray")  # the container user's HOME
-        token = secrets.token_hex(32)
-        planted.write_text(token)
-        started = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, timeout=180)
-        assert started.returncode == 0, started.stderr[-3000:]
-        wait_for_port(dashboard, "the head's job API")
-        address = f"http://127.0.0.1:{dashboard}"
-        stranger = {**env, "HOME": str(tmp_path / "stranger")}  # a caller with no token anywhere
-        refused = subprocess.run(
-            [str(BIN / "ray"), "job", "list", "--address", address],
-            env=stranger,
-            capture_output=True,
-            text=True,
-        )
-        assert refused.returncode != 0, refused.stdout
-        with pytest.raises(urllib.error.HTTPError) as http:
-            urllib.request.urlopen(f"{address}/api/jobs/", timeout=10)
-        assert http.value.code in (401, 403)
-        client = {
-            **stranger,
-            "RAY_AUTH_MODE": "token",
-            "RAY_AUTH_TOKEN_PATH": str(planted),
-        }
-        for _ in range(30):  # the job agent comes up after the port opens
-            allowed = subprocess.run(
-                [str(BIN / "ray"), "job", "list", "--address", address],
-                env=client,
-                capture_output=True,
-                text=True,
-            )
-            if allowed.returncode == 0:
-                break
-            time.sleep(2)
-        assert allowed.returncode == 0, allowed.stderr[-3000:]
-        driver = "import ray; ray.init(); print(len(ray.nodes()))"
-        refused_driver = subprocess.run(
-            [sys.executable, "-c", driver],
-            env={**stranger, "RAY_ADDRESS": f"127.0.0.1:{gcs}"},
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert refused_driver.returncode != 0, refused_driver.stdout
-        assert "auth" in refused_driver.stderr.lower(), refused_driver.stderr[-2000:]  # refused, not broken
-
-        (worker_home / Path(target).relative_to("/home/ray")).write_text(token)  # file_mounts, on the worker
-        joined = subprocess.run(
-            ["bash", "-c", worker_script], env=worker_env, capture_output=True, text=True, timeout=180
-        )
-        assert joined.returncode == 0, joined.stderr[-3000:]
-        wait_for_nodes(f"127.0.0.1:{gcs}", client, 2)
-        output = started.stdout + started.stderr + refused.stdout + refused.stderr + allowed.stdout
-        output += joined.stdout + joined.stderr + refused_driver.stdout + refused_driver.stderr
-        assert token not in output  # the token is never printed
-    finally:
-        for process in ray_processes_of(temp) + ray_processes_of(worker_temp):
-            with contextlib.suppress(psutil.NoSuchProcess):
-                process.kill()
-        shutil.rmtree(temp, ignore_errors=True)
-        shutil.rmtree(worker_temp, ignore_errors=True)
