@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import signal
@@ -9,7 +10,9 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
+from unittest.mock import patch
 
 import pandas as pd
 import pytest
@@ -29,6 +32,19 @@ def run(
 ) -> subprocess.CompletedProcess:
     environment = {**os.environ, **(env or {})}
     return subprocess.run(args, cwd=cwd, env=environment, capture_output=True, text=True, timeout=timeout)
+
+
+def in_process(*args: str) -> subprocess.CompletedProcess:
+    """`gmpatl ARGS` as the console script runs it (``gmpatl_ray.cli.main``), but in this process, its
+    output captured: for commands that start neither Ray nor a run log (``report``), where a process's
+    start-up and imports would be most of what the call costs."""
+    from gmpatl_ray.cli import LOGGED, main
+
+    assert args[0] not in LOGGED, f"gmpatl {args[0]} takes over the process's output: run it as a process"
+    out, err = io.StringIO(), io.StringIO()
+    with patch.dict(os.environ), redirect_stdout(out), redirect_stderr(err):  # main sets variables
+        code = main(list(args))
+    return subprocess.CompletedProcess(["gmpatl", *args], code, out.getvalue(), err.getvalue())
 
 
 def table_run(stdout: str) -> str:
@@ -236,7 +252,7 @@ def test_cv_runs_the_folds_and_tracks_them_in_mlflow(trained_fold, tracked_cv, t
     stage1_loss = client.get_metric_history(runs["fold-1-stage1"].info.run_id, "train_loss")
     assert [m.step for m in stage1_loss] == [0, 1, 2]
 
-    report = run(str(GMPATL), "report", "--config", str(config_file), "--csv", str(tmp_path / "report.csv"))
+    report = in_process("report", "--config", str(config_file), "--csv", str(tmp_path / "report.csv"))
     assert report.returncode == 0, report.stderr[-3000:]
     assert f"CV run {parent.info.run_id}" in report.stdout
     assert f"mean UAR {table['uar'].mean():.1%}" in report.stdout
@@ -262,10 +278,10 @@ def test_every_job_entrypoint_wraps_its_command(job):
 def test_report_without_runs_exits_2_naming_what_is_missing(tmp_path):
     config_file = tmp_path / "small.yaml"
     config_file.write_text(dump_config(small_config(tmp_path, "tracking.experiment=nothing-here")))
-    result = run(str(GMPATL), "report", "--config", str(config_file))
+    result = in_process("report", "--config", str(config_file))
     assert result.returncode == 2
     assert "no MLflow experiment 'nothing-here'" in result.stderr
-    swept = run(str(GMPATL), "report", "--config", str(config_file), "--sweep", "none")
+    swept = in_process("report", "--config", str(config_file), "--sweep", "none")
     assert swept.returncode == 2 and "no MLflow experiment 'nothing-here'" in swept.stderr
 
 

@@ -15,7 +15,7 @@ import pytest
 from conftest import REPO, TINY_TRAINING, small_config
 from mlflow import MlflowClient
 from processes import kill_group, start_group, wait_for
-from test_cli import GMPATL, run
+from test_cli import GMPATL, in_process, run
 from test_faults import runs_by_name
 
 from gmpatl_ray.config import ConfigError, dump_config, load_config
@@ -199,7 +199,7 @@ def test_the_papers_table3_is_four_trials_that_share_stages_1_and_2_per_fold(sma
 
     config_file = shared / "table3.yaml"
     config_file.write_text(dump_config(config))
-    report = run(str(GMPATL), "report", "--config", str(config_file), "--sweep", "table3")
+    report = in_process("report", "--config", str(config_file), "--sweep", "table3")
     assert report.returncode == 0, report.stderr[-3000:]
     assert "sweep 'table3' in experiment 'sweep-test'" in report.stdout and ": 4 trial(s)" in report.stdout
     rows = [line for line in report.stdout.splitlines() if line.startswith("| trial_")]
@@ -227,7 +227,7 @@ def test_the_papers_table4_runs_as_a_sweep_and_reports(small_corpus, shared):
 
     config_file = shared / "table4.yaml"
     config_file.write_text(dump_config(config))
-    report = run(str(GMPATL), "report", "--config", str(config_file), "--sweep", "table4")
+    report = in_process("report", "--config", str(config_file), "--sweep", "table4")
     assert report.returncode == 0, report.stderr[-3000:]
     header = next(line for line in report.stdout.splitlines() if line.startswith("| trial"))
     assert " gmp.layer " in header and "UAR %" in header and "WAR %" in header
