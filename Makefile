@@ -7,19 +7,14 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: demo test compile lint gpu-check lock lock-gpu clean
 
-# uv installs the lock (unpacking and byte-compiling on every core) in under half pip's time; it reads no
-# pip.conf, so the indexes and wheel folders pip is configured with are handed to it, with pip's rule of
-# taking the best version from any of them.
+# uv installs the lock (unpacking and byte-compiling on every core) in under half pip's time. It takes
+# every package from its index (PyPI unless UV_INDEX_URL or uv.toml says otherwise) and reads no pip.conf.
 UV_VERSION := 0.13.9
-PIP_INDEXES = $(shell $(PYTHON) -m pip config get global.extra-index-url 2>/dev/null)
-PIP_LINKS = $(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null)
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip uv==$(UV_VERSION)
-	$(BIN)/uv pip install --quiet --python $(BIN)/python --compile-bytecode --index-strategy unsafe-best-match \
-	  $(foreach url,$(PIP_INDEXES),--extra-index-url $(url)) $(foreach dir,$(PIP_LINKS),--find-links $(dir)) \
-	  -c constraints.txt -e '.[test,launch]'
+	$(BIN)/uv pip install --quiet --python $(BIN)/python --compile-bytecode -c constraints.txt -e '.[test,launch]'
 	touch $@
 
 # The project's own modules byte-compiled ahead (changed ones only): every Ray worker, job and Tune trial
