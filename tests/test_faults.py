@@ -209,7 +209,9 @@ def test_a_killed_cv_driver_reruns_into_the_same_runs_and_resumes_the_stage(
         *FAULT_TRAINING,
     )
     local = config.train.model_copy(update={"num_workers": 0, "storage_path": str(fault_cache / "ray")})
-    run_fold(config.model_copy(update={"train": local}), manifest, 1, ArtifactCache(fault_cache / "cache"))
+    fold1 = run_fold(
+        config.model_copy(update={"train": local}), manifest, 1, ArtifactCache(fault_cache / "cache")
+    )
     config_file = tmp_path / "crash.yaml"
     config_file.write_text(dump_config(config))
     command = [str(GMPATL), "cv", "--config", str(config_file), "--folds", "1,2"]
@@ -240,6 +242,8 @@ def test_a_killed_cv_driver_reruns_into_the_same_runs_and_resumes_the_stage(
         "fold-2-stage3",
     ]
     assert all(len(found) == 1 and found[0].info.status == "FINISHED" for found in runs.values()), runs
+    for stage in ("stage1", "stage3"):  # fold 1's are the ones in the cache before the first run
+        assert runs[f"fold-1-{stage}"][0].data.params["fingerprint"] == fold1.artifacts[stage].path.name
     assert runs["cv-gmpatl-demo"][0].data.tags["gmpatl.resumed"] == "true"
     assert runs["fold-2"][0].data.tags["gmpatl.resumed"] == "true"
     assert "gmpatl.resumed" not in runs["fold-1"][0].data.tags  # finished before the crash: left as it was
