@@ -193,16 +193,19 @@ def launched_cluster(tmp_path_factory):
         "RAY_AUTH_TOKEN_PATH": str(homes[0] / token_path_on_a_node()),
     }
     printed, sessions = "", []
+
+    def start(script: str, home: Path) -> None:
+        nonlocal printed
+        started, session = start_a_node(script, {**base, "HOME": str(home)})
+        sessions.append(session)
+        assert started.returncode == 0, started.stderr[-3000:]
+        printed += started.stdout + started.stderr
+
     try:
-        scripts = [start_script("head", temps[0], gcs=gcs, dashboard=dashboard)]
-        scripts += [start_script("worker", temp, gcs=gcs) for temp in temps[1:]]
-        for script, home in zip(scripts, homes, strict=True):
-            started, session = start_a_node(script, {**base, "HOME": str(home)})
-            sessions.append(session)
-            assert started.returncode == 0, started.stderr[-3000:]
-            printed += started.stdout + started.stderr
-            if script is scripts[0]:
-                wait_for_port(dashboard, "the head's job API")
+        start(start_script("head", temps[0], gcs=gcs, dashboard=dashboard), homes[0])
+        wait_for_port(dashboard, "the head's job API")
+        for temp, home in zip(temps[1:], homes[1:], strict=True):
+            start(start_script("worker", temp, gcs=gcs), home)
         wait_for_nodes(f"127.0.0.1:{gcs}", client, 3)
         yield LaunchedCluster(
             f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dashboard}", client, stranger, temps, token, printed
@@ -224,9 +227,8 @@ def test_the_cluster_refuses_callers_without_the_token_and_its_nodes_refuse_to_s
         capture_output=True,
         text=True,
     )
-    assert refused.returncode != 0 and "Missing authentication token" in refused.stderr, refused.stderr[
-        -2000:
-    ]
+    assert refused.returncode != 0, refused.stdout
+    assert "Missing authentication token" in refused.stderr, refused.stderr[-2000:]
     with pytest.raises(urllib.error.HTTPError) as http:
         urllib.request.urlopen(f"{cluster.job_api}/api/jobs/", timeout=10)
     assert http.value.code in (401, 403)
