@@ -4,8 +4,8 @@ Both CVs are the demo's (``configs/demo.yaml``) over the same folds, each stage 
 two folds' stages fit this machine's cores at once, each CV in a stage cache of its own (nothing is
 reused) and untracked by any server but an embedded store of its own. The folds' results are the same
 either way (``tests/test_pipeline.py`` checks it bit for bit); what changes is the wall time. With
-``--ddp-baseline`` the first CV is instead the demo as it shipped before folds ran side by side: each
-stage on 2 DDP workers of 1 CPU, one fold at a time (different shards, so different numbers per fold).
+``--ddp-baseline`` the first CV is instead the demo as it ships: each stage on 2 DDP workers of 1 CPU,
+so on 2 CPUs one fold at a time (different shards, so different numbers per fold).
 
     .venv/bin/python benchmarks/parallel_folds.py [--folds 1 2] [--width 2] [--ddp-baseline]
 """
