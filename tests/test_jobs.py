@@ -29,7 +29,7 @@ import psutil
 import pytest
 from conftest import REPO, small_config
 from mlflow import MlflowClient
-from processes import BIN, free_port
+from processes import BIN, free_port, start_group
 
 from gmpatl_ray.config import dump_config
 
@@ -100,14 +100,7 @@ def start_a_node(
     """A start command, run in a session of its own; returns what it printed and the session, which every
     process `ray start` leaves behind keeps (the Ray Client server among them: its command line names no
     temp dir)."""
-    proc = subprocess.Popen(
-        ["bash", "-c", script],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    proc = start_group(["bash", "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     out, err = proc.communicate(timeout=timeout)
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err), proc.pid
 
