@@ -27,6 +27,7 @@ from typing import Any
 
 from .errors import InputError
 from .redact import ScrubbedStream, environment_secrets
+from .runtime import shutdown_ray
 
 SHOWN_ON_FAILURE = 2000
 """Lines of the run log shown when a command fails (the whole file stays where the first line said)."""
@@ -100,8 +101,7 @@ def run_log(output_dir: str | Path, command: str) -> Iterator[Path]:
     finally:
         _CONSOLE = None
         warnings.showwarning = saved_show
-        if "ray" in sys.modules:  # the command is done: no worker line forwarded late reaches the console
-            sys.modules["ray"].shutdown()
+        shutdown_ray()  # the command is done: no worker line forwarded late reaches the console
         _flush_all()
         for target, fd in zip((1, 2), terminal, strict=True):
             os.dup2(fd, target)
