@@ -101,12 +101,16 @@ def run_log(output_dir: str | Path, command: str) -> Iterator[Path]:
     finally:
         _CONSOLE = None
         warnings.showwarning = saved_show
-        shutdown_ray()  # the command is done: no worker line forwarded late reaches the console
-        _flush_all()
-        for target, fd in zip((1, 2), terminal, strict=True):
-            os.dup2(fd, target)
-            os.close(fd)
-        os.close(log)
+        try:
+            shutdown_ray()  # the command is done: no worker line forwarded late reaches the console
+        except Exception as error:  # the command's own outcome stands; this goes to the run log
+            print(f"stopping Ray failed: {error!r}", file=sys.stderr)
+        finally:
+            _flush_all()
+            for target, fd in zip((1, 2), terminal, strict=True):
+                os.dup2(fd, target)
+                os.close(fd)
+            os.close(log)
 
 
 def _flush_all() -> None:

@@ -25,9 +25,10 @@ EXIT_GRACE_S = 5.0
 """How long a local cluster's processes get to exit after ``ray.shutdown()`` before they are killed (the
 healthy ones take about a second on 2 cores)."""
 
-_local_cluster: list | None = None
-"""The processes this one started with its local Ray cluster (``psutil.Process``es: Ray's own, the
-raylet that runs the workers); None when it joined a cluster, or has none."""
+_local_cluster: list = []
+"""The processes this one started with the local Ray cluster it started (``psutil.Process``es: Ray's
+own, the raylet that runs the workers); empty when it joined a cluster (named by ``RAY_ADDRESS``, or
+one ``ray start`` runs on this machine) or has none."""
 
 
 def init_ray() -> None:
@@ -44,36 +45,49 @@ def init_ray() -> None:
 
     here = psutil.Process()
     before = {child.pid for child in here.children()}
-    ray.init(dashboard_host="127.0.0.1")  # Ray Train's state checks need the dashboard; loopback only
-    _local_cluster = [child for child in here.children() if child.pid not in before]
+    try:
+        ray.init(dashboard_host="127.0.0.1")  # Ray Train's state checks need the dashboard; loopback only
+    finally:  # a failed start may have started processes too
+        _local_cluster = [child for child in here.children() if child.pid not in before]
 
 
 def shutdown_ray() -> list[int]:
-    """Disconnect from Ray; a local cluster this process started stops with every process it ran.
+    """Disconnect from Ray; a local cluster this process started stops with the processes it runs.
 
     ``ray.shutdown()`` stops the cluster's own processes and its workers end on their own about a second
     later, but a worker that hangs while it exits outlives it: Ray 2.60's core worker can deadlock in its
     exit handler (``~CoreWorkerProcessImpl``, after it has told the raylet it is gone), which once left a
     Ray Train controller of about 900 MB behind, idle forever, after one of the demo's 15 stage runs. So
-    the processes ``init_ray`` saw Ray start (and every process under them: the workers under the raylet)
-    are listed before the shutdown, waited for, and those left after ``EXIT_GRACE_S`` are killed and named
-    on stderr (the run log); other children of this process are left alone. Returns the killed ones'
-    ids. A joined cluster (a submitted job's, a test session's) is not ours: only the connection ends."""
+    the processes ``init_ray`` saw Ray start, and every process under them then (the workers under the
+    raylet, a hung one included), are listed before the shutdown, waited for, and those still running
+    ``EXIT_GRACE_S`` after it are killed and named on stderr (the run log); other children of this
+    process are left alone. Returns the killed ones' ids. A joined cluster (a submitted job's, a test
+    session's) is not ours: only the connection ends. Never raises for a process it could not see or
+    kill (it says so)."""
     global _local_cluster
     ray = sys.modules.get("ray")
-    if ray is None or not ray.is_initialized():
+    started, _local_cluster = _local_cluster, []
+    if ray is None:
         return []
-    started, _local_cluster = _local_cluster, None
-    if started is None:
+    if not started:
         ray.shutdown()
         return []
     import psutil
 
     cluster = [p for p in started if _running(p)]
     for process in list(cluster):
-        with contextlib.suppress(psutil.NoSuchProcess):
+        with contextlib.suppress(psutil.Error):
             cluster += process.children(recursive=True)
-    ray.shutdown()
+    try:
+        ray.shutdown()
+    finally:
+        killed = _kill_what_is_left(cluster)
+    return killed
+
+
+def _kill_what_is_left(cluster: list) -> list[int]:
+    import psutil
+
     deadline = time.monotonic() + EXIT_GRACE_S
     while (alive := [p for p in cluster if _running(p)]) and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -84,8 +98,15 @@ def shutdown_ray() -> list[int]:
             process.kill()
         except psutil.NoSuchProcess:
             continue
+        except psutil.Error as error:
+            print(f"could not stop pid {process.pid} of the local Ray cluster: {error}", file=sys.stderr)
+            continue
         killed.append(process.pid)
-        print(f"killed {name} (pid {process.pid}): it outlived the local Ray cluster", file=sys.stderr)
+        print(
+            f"killed {name} (pid {process.pid}): still running {EXIT_GRACE_S:.0f} s after the local Ray "
+            "cluster stopped",
+            file=sys.stderr,
+        )
     return killed
 
 
@@ -94,5 +115,5 @@ def _running(process) -> bool:
 
     try:
         return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
+    except psutil.Error:
         return False
