@@ -23,7 +23,7 @@ def in_submitted_job() -> bool:
 
 EXIT_GRACE_S = 5.0
 """How long a local cluster's processes get to exit after ``ray.shutdown()`` before they are killed (the
-healthy ones take about a second on 2 cores)."""
+healthy ones took 1.0-1.4 s in a by-hand check on 2 cores)."""
 
 _local_cluster: list = []
 """The processes this one started with the local Ray cluster it started (``psutil.Process``es: Ray's
